@@ -1,0 +1,137 @@
+"""The ``todi`` command line: one subcommand per pipeline step, one config dataclass per subcommand.
+
+Each subcommand lives in the module that does the work and exposes a dataclass ``Config`` (its fields,
+with ``metadata["help"]``, are the options) and ``run(config) -> None``. Options may also come from
+``--config FILE.yaml``; values given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from todi.errors import TodiError, UsageError
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    help: str
+    example: str
+
+
+COMMANDS: dict[str, Command] = {
+    "eval": Command(
+        "todi.evaluation",
+        "sample answers and score ROUGE-L on instruction-following test sets",
+        "todi eval --model out/student/final --data dolly,self-inst,vicuna --seeds 10,20,30 --out eval/",
+    ),
+}
+
+
+def _top_level_help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {cmd.help}" for name, cmd in COMMANDS.items()]
+    return (
+        "usage: todi <command> [options]   (todi <command> --help for its options)\n\n"
+        "commands:\n" + "\n".join(lines) + "\n\nglobal options: --debug (show tracebacks), --version"
+    )
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist", "check the path given to --config") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"config file {path} is not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of option: value, not {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_parser(name: str, config_cls: type):
+    from transformers import HfArgumentParser
+
+    command = COMMANDS[name]
+    parser = HfArgumentParser(
+        config_cls,
+        prog=f"todi {name}",
+        description=(config_cls.__doc__ or command.help).strip().splitlines()[0],
+        epilog=f"example:\n  {command.example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML file of options; command-line values override it")
+    return parser
+
+
+def parse_config(name: str, argv: Sequence[str]):
+    """Parse ``argv`` for subcommand ``name`` into its Config dataclass (YAML defaults, CLI overrides)."""
+    module = importlib.import_module(COMMANDS[name].module)
+    config_cls = module.Config
+    parser = build_parser(name, config_cls)
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        values = _load_yaml(known.config)
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise UsageError(
+                f"config file {known.config}: unknown option(s) {', '.join(unknown)}",
+                f"run 'todi {name} --help' for the options",
+            )
+        parser.set_defaults(**values)
+    (config,) = parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)[:1]
+    return module, config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(message)s")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_level_help())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from todi import __version__
+
+        print(f"todi {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"todi: unknown command {name!r}\nhint: choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        module, config = parse_config(name, rest)
+        module.run(config)
+    except TodiError as err:
+        if debug:
+            raise
+        print(f"todi {name}: error: {err}", file=sys.stderr)
+        if err.hint:
+            print(f"hint: {err.hint}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
+    except KeyboardInterrupt:
+        print(f"todi {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        print(f"todi {name}: error: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
+        print("hint: rerun with --debug for the full traceback", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Divergences between a teacher and a student next-token distribution.
+
+Every divergence is a small pure function with one signature::
+
+    fn(student_logp, teacher_logp, **params) -> Tensor[...]
+
+taking log-probabilities of shape ``[..., V]`` (already divided by the temperature and
+normalised, float32 or float64, finite) and returning the divergence per position, summed
+over the vocabulary. :func:`divergence` is the public entry point that goes from logits to
+that per-position tensor; the fused chunked loss calls the same functions chunk by chunk.
+
+Numerical safety (the reference research code is not safe here):
+
+* logits are upcast to float32 before the softmax (float64 stays float64), so bf16 models
+  get float32 probabilities;
+* an entry whose student or teacher logit is not finite (a masked vocabulary item) is
+  removed from both distributions and contributes exactly 0 to every divergence, with a
+  zero gradient; a position where every entry is masked has divergence 0;
+* masked log-probabilities are replaced by :data:`LOG_FLOOR`, a finite number whose exp is
+  exactly 0, so ``0 * log 0`` never becomes ``0 * -inf = nan`` in forward or backward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DIVERGENCES",
+    "LOG_FLOOR",
+    "Divergence",
+    "divergence",
+    "get_divergence",
+    "log_probs",
+    "register_divergence",
+    "todi_weight",
+]
+
+# exp(-1e4) underflows to exactly 0 in float32 and float64, yet differences of floors are 0, not nan.
+LOG_FLOOR = -1.0e4
+
+DivergenceFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A registry entry: the per-position function and its parameters with defaults."""
+
+    name: str
+    fn: DivergenceFn
+    params: dict[str, float] = field(default_factory=dict)
+    summary: str = ""
+
+    def resolve(self, params: dict[str, Any]) -> dict[str, float]:
+        """Defaults overlaid with ``params``; unknown names and out-of-range values raise ValueError."""
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            accepted = ", ".join(self.params) or "none"
+            raise ValueError(
+                f"divergence {self.name!r} takes no parameter {', '.join(map(repr, unknown))}; "
+                f"accepted parameters: {accepted}"
+            )
+        resolved = {**self.params, **{k: float(v) for k, v in params.items()}}
+        for name, value in resolved.items():
+            if name in ("skew", "mu") and not 0.0 <= value <= 1.0:
+                raise ValueError(f"divergence {self.name!r}: {name}={value} must lie in [0, 1]")
+            if not math.isfinite(value):
+                raise ValueError(f"divergence {self.name!r}: {name}={value} must be finite")
+        return resolved
+
+
+_REGISTRY: dict[str, Divergence] = {}
+
+
+def register_divergence(
+    name: str, params: dict[str, float] | None = None, summary: str = ""
+) -> Callable[[DivergenceFn], DivergenceFn]:
+    """Decorator adding ``fn(student_logp, teacher_logp, **params)`` to the registry under ``name``."""
+
+    def add(fn: DivergenceFn) -> DivergenceFn:
+        if name in _REGISTRY:
+            raise ValueError(f"divergence {name!r} is already registered")
+        _REGISTRY[name] = Divergence(name, fn, dict(params or {}), summary or (fn.__doc__ or "").strip())
+        return fn
+
+    return add
+
+
+def get_divergence(name: str) -> Divergence:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown divergence {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+
+
+def check_vocab(student_shape: torch.Size, teacher_shape: torch.Size) -> None:
+    """Raise a ValueError naming both shapes when the student and teacher logits do not line up."""
+    if student_shape != teacher_shape:
+        hint = ""
+        if student_shape[:-1] == teacher_shape[:-1]:
+            hint = (
+                " The vocabularies differ in width: if one head is padded beyond the tokenizer "
+                "(e.g. 151,936 vs 152,064), slice both to the tokenizer size, logits[..., :len(tokenizer)]; "
+                "different tokenizers are not supported."
+            )
+        raise ValueError(
+            f"student logits have shape {tuple(student_shape)} but teacher logits have shape "
+            f"{tuple(teacher_shape)}; they must match.{hint}"
+        )
+
+
+def log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Temperature-scaled log-softmax of both logit sets, float32 (float64 in, float64 out).
+
+    Non-finite logits are masked out of both distributions (see the module docstring).
+    """
+    check_vocab(student_logits.shape, teacher_logits.shape)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    s = student_logits.to(dtype)
+    t = teacher_logits.to(dtype)
+    if temperature != 1.0:
+        s = s / temperature
+        t = t / temperature
+    if bool(torch.isfinite(s).all()) and bool(torch.isfinite(t).all()):
+        return F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    masked = ~(torch.isfinite(s) & torch.isfinite(t))
+    # A fully masked row is filled with zeros (finite softmax) and then floored entirely: divergence 0.
+    fill = torch.where(masked.all(dim=-1, keepdim=True), 0.0, -math.inf).to(dtype)
+    s = torch.where(masked, fill, s)
+    t = torch.where(masked, fill, t)
+    return (
+        F.log_softmax(s, dim=-1).masked_fill(masked, LOG_FLOOR),
+        F.log_softmax(t, dim=-1).masked_fill(masked, LOG_FLOOR),
+    )
+
+
+def divergence(
+    name: str, student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, **params: float
+) -> Tensor:
+    """Divergence ``name`` per position between softmax(teacher/T) and softmax(student/T).
+
+    Args:
+        name: one of :data:`DIVERGENCES`.
+        student_logits, teacher_logits: ``[..., V]`` logits of any float dtype.
+        temperature: divides both logit sets before the softmax (no T^2 factor).
+        params: the divergence's parameters (``skew`` for skl/srkl, ``mu`` for akl, ``beta`` for todi).
+
+    Returns:
+        ``[...]`` tensor in float32 (float64 for float64 input), differentiable w.r.t. both inputs.
+    """
+    entry = get_divergence(name)
+    resolved = entry.resolve(params)
+    ls, lt = log_probs(student_logits, teacher_logits, temperature)
+    return entry.fn(ls, lt, **resolved)
+
+
+def _log_weight(w: float) -> float:
+    return math.log(w) if w > 0 else -math.inf
+
+
+@register_divergence("fkl", summary="forward KL: sum p (log p - log q)")
+def forward_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+
+
+@register_divergence("rkl", summary="reverse KL: sum q (log q - log p)")
+def reverse_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+
+
+@register_divergence("js", summary="Jensen-Shannon: 1/2 KL(p||m) + 1/2 KL(q||m), m = (p + q) / 2")
+def jensen_shannon(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    log_m = torch.logaddexp(student_logp, teacher_logp) - math.log(2.0)
+    p, q = teacher_logp.exp(), student_logp.exp()
+    return 0.5 * (p * (teacher_logp - log_m)).sum(-1) + 0.5 * (q * (student_logp - log_m)).sum(-1)
+
+
+@register_divergence("tvd", summary="total variation: 1/2 sum |p - q|")
+def total_variation(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    return 0.5 * (teacher_logp.exp() - student_logp.exp()).abs().sum(-1)
+
+
+@register_divergence("skl", params={"skew": 0.1}, summary="skew forward KL: KL(p || skew p + (1 - skew) q)")
+def skew_forward_kl(student_logp: Tensor, teacher_logp: Tensor, skew: float = 0.1) -> Tensor:
+    # The mixture is built in log space so that a zero probability never meets log(0).
+    log_mix = torch.logaddexp(teacher_logp + _log_weight(skew), student_logp + _log_weight(1.0 - skew))
+    return (teacher_logp.exp() * (teacher_logp - log_mix)).sum(-1)
+
+
+@register_divergence("srkl", params={"skew": 0.1}, summary="skew reverse KL: KL(q || (1 - skew) p + skew q)")
+def skew_reverse_kl(student_logp: Tensor, teacher_logp: Tensor, skew: float = 0.1) -> Tensor:
+    log_mix = torch.logaddexp(teacher_logp + _log_weight(1.0 - skew), student_logp + _log_weight(skew))
+    return (student_logp.exp() * (student_logp - log_mix)).sum(-1)
+
+
+@register_divergence(
+    "akl",
+    params={"mu": 0.5},
+    summary="adaptive KL (Wu et al. 2024): FKL and RKL weighted by the head / tail gaps of p",
+)
+def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, mu: float = 0.5) -> Tensor:
+    """Head = the teacher's top tokens whose cumulative probability stays <= mu, plus always the top-1
+    token (as in the authors' ``get_ratio``); tail = the rest. The gaps g = sum |p - q| over head and
+    tail are detached; FKL is weighted by g_head and RKL by g_tail, normalised by their sum. Identical
+    distributions give 0 rather than the reference's 0/0."""
+    p, q = teacher_logp.exp(), student_logp.exp()
+    with torch.no_grad():
+        p_sorted, order = p.sort(dim=-1, descending=True)
+        gap = (p_sorted - q.gather(-1, order)).abs()
+        head = p_sorted.cumsum(-1) <= mu
+        head[..., 0] = True
+        g_head = (gap * head).sum(-1)
+        g_tail = (gap * ~head).sum(-1)
+        total = g_head + g_tail
+        safe_total = torch.where(total > 0, total, torch.ones_like(total))
+        w_head = torch.where(total > 0, g_head / safe_total, torch.zeros_like(total))
+        w_tail = torch.where(total > 0, g_tail / safe_total, torch.zeros_like(total))
+    fkl = (p * (teacher_logp - student_logp)).sum(-1)
+    rkl = (q * (student_logp - teacher_logp)).sum(-1)
+    return w_head * fkl + w_tail * rkl
+
+
+@register_divergence(
+    "todi",
+    params={"beta": 1.0},
+    summary="token-wise distillation: sum a p log(p/q) + (1 - a) q log(q/p), a = sg(sigmoid(beta log(p/q)))",
+)
+def token_wise(student_logp: Tensor, teacher_logp: Tensor, beta: float = 1.0) -> Tensor:
+    log_ratio = teacher_logp - student_logp
+    a = torch.sigmoid(beta * log_ratio).detach()
+    p, q = teacher_logp.exp(), student_logp.exp()
+    # a p (log p - log q) + (1 - a) q (log q - log p) == (a p - (1 - a) q) (log p - log q)
+    return ((a * p - (1.0 - a) * q) * log_ratio).sum(-1)
+
+
+def todi_weight(student_logp: Tensor, teacher_logp: Tensor, beta: float = 1.0) -> Tensor:
+    """Per position, the share of ToDi acting as FKL: sum_v a_v c_v / sum_v c_v (detached).
+
+    c_v = (a_v p_v - (1 - a_v) q_v) log(p_v / q_v) >= 0 is item v's contribution to the ToDi value, so
+    this is the weight a averaged where the divergence actually is: 1 = all of it routed to FKL (the
+    student underestimates), 0 = all routed to RKL. A plain mean of a over the vocabulary is dominated
+    by the near-zero tail, and a mass-weighted mean is identically 1/2 at beta = 1. Positions with
+    p == q give 1/2."""
+    with torch.no_grad():
+        log_ratio = teacher_logp - student_logp
+        a = torch.sigmoid(beta * log_ratio)
+        contribution = (a * teacher_logp.exp() - (1.0 - a) * student_logp.exp()) * log_ratio
+        total = contribution.sum(-1)
+        share = (a * contribution).sum(-1) / torch.where(total > 0, total, torch.ones_like(total))
+        return torch.where(total > 0, share, torch.full_like(total, 0.5))
+
+
+DIVERGENCES: tuple[str, ...] = tuple(_REGISTRY)

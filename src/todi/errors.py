@@ -1,0 +1,15 @@
+"""Errors a user can act on: a one-line message plus a hint, shown by the CLI without a traceback."""
+
+from __future__ import annotations
+
+
+class TodiError(Exception):
+    """A failure the user can fix; ``hint`` says how. The CLI prints both and exits with status 1."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class UsageError(TodiError):
+    """Bad options or arguments (exit status 2)."""

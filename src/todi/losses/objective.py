@@ -1,0 +1,121 @@
+"""The distillation objective on materialised logits: (1 - kd_rate) CE + kd_rate KD."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from todi.divergences import check_vocab, get_divergence, log_probs, todi_weight
+
+__all__ = ["LossOutput", "check_objective", "distillation_loss", "normaliser"]
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss and its detached parts.
+
+    ``ce`` and ``kd`` are normalised like ``loss`` (so ``loss == (1 - kd_rate) ce + kd_rate kd``);
+    ``todi_weight`` is the mean FKL share of ToDi over this call's supervised tokens (None for
+    other divergences): 1 = pure FKL, 0 = pure RKL (see :func:`todi.divergences.todi_weight`).
+    """
+
+    loss: Tensor
+    ce: Tensor
+    kd: Tensor
+    num_tokens: int
+    todi_weight: Tensor | None = None
+
+    def metrics(self) -> dict[str, float]:
+        out = {"loss": float(self.loss.detach()), "ce": float(self.ce), "kd": float(self.kd)}
+        out["num_tokens"] = float(self.num_tokens)
+        if self.todi_weight is not None:
+            out["todi_weight"] = float(self.todi_weight)
+        return out
+
+
+def check_objective(kd_rate: float, temperature: float) -> None:
+    if not 0.0 <= kd_rate <= 1.0:
+        raise ValueError(f"kd_rate must lie in [0, 1], got {kd_rate}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def normaliser(num_tokens: Tensor, num_items_in_batch: int | Tensor | None) -> Tensor:
+    """The divisor of the summed losses: the global supervised-token count when given, else this call's
+    count; never 0, so a call without supervised tokens returns 0 rather than nan."""
+    if num_items_in_batch is None:
+        return num_tokens.clamp_min(1).to(torch.float32)
+    denom = torch.as_tensor(num_items_in_batch, device=num_tokens.device, dtype=torch.float32)
+    return denom.clamp_min(1)
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor,
+    *,
+    divergence: str = "todi",
+    kd_rate: float = 0.5,
+    temperature: float = 2.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | Tensor | None = None,
+    **params: float,
+) -> LossOutput:
+    """``(1 - kd_rate) * CE + kd_rate * KD`` over the supervised positions.
+
+    Args:
+        student_logits: ``[..., V]`` student logits, aligned with ``labels`` (already shifted).
+        teacher_logits: ``[..., V]`` teacher logits; may be None when ``kd_rate == 0`` (plain SFT).
+        labels: ``[...]`` target ids; positions equal to ``ignore_index`` contribute nothing.
+        divergence: a name from :data:`todi.divergences.DIVERGENCES`.
+        kd_rate: weight of the divergence; CE is taken at temperature 1.
+        temperature: divides both logit sets inside the divergence (no T^2 factor).
+        num_items_in_batch: supervised tokens of the whole global batch (all micro-batches and ranks);
+            both sums are divided by it. Defaults to this call's count.
+        params: the divergence's parameters, e.g. ``beta`` for todi.
+
+    Returns:
+        :class:`LossOutput`; with no supervised position the loss is 0 with zero gradients.
+    """
+    check_objective(kd_rate, temperature)
+    entry = get_divergence(divergence)
+    resolved = entry.resolve(params)
+    if teacher_logits is None and kd_rate > 0:
+        raise ValueError("teacher_logits is None but kd_rate > 0; pass teacher logits or set kd_rate=0")
+    if teacher_logits is not None:
+        check_vocab(student_logits.shape, teacher_logits.shape)
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} but logits have shape {tuple(student_logits.shape)}; "
+            "labels must have the logits' shape without the vocabulary dimension"
+        )
+    vocab = student_logits.shape[-1]
+    keep = (labels != ignore_index).reshape(-1)
+    num_tokens = keep.sum()
+    denom = normaliser(num_tokens, num_items_in_batch)
+    # Only supervised rows are computed: prompts are often most of a sequence.
+    student = student_logits.reshape(-1, vocab)[keep]
+    targets = labels.reshape(-1)[keep]
+
+    math_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    zero = student_logits.new_zeros((), dtype=math_dtype)
+    ce_sum = F.cross_entropy(student.to(math_dtype), targets, reduction="sum") if kd_rate < 1 else zero
+    kd_sum, weight = zero, None
+    if teacher_logits is not None:
+        teacher = teacher_logits.reshape(-1, vocab)[keep]
+        ls, lt = log_probs(student, teacher, temperature)
+        per_position = entry.fn(ls, lt, **resolved)
+        kd_sum = per_position.sum()
+        if divergence == "todi":
+            weight = todi_weight(ls, lt, resolved["beta"]).sum() / num_tokens.clamp_min(1)
+    loss = ((1.0 - kd_rate) * ce_sum + kd_rate * kd_sum) / denom
+    return LossOutput(
+        loss=loss,
+        ce=(ce_sum / denom).detach(),
+        kd=(kd_sum / denom).detach(),
+        num_tokens=int(num_tokens),
+        todi_weight=weight,
+    )
