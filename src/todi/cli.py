@@ -12,9 +12,10 @@ import dataclasses
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from todi.errors import TodiError, UsageError
 
@@ -24,6 +25,8 @@ class Command:
     module: str
     help: str
     example: str
+    config: str = "Config"
+    run: str = "run"
 
 
 COMMANDS: dict[str, Command] = {
@@ -31,6 +34,20 @@ COMMANDS: dict[str, Command] = {
         "todi.evaluation",
         "sample answers and score ROUGE-L on instruction-following test sets",
         "todi eval --model out/student/final --data dolly,self-inst,vicuna --seeds 10,20,30 --out eval/",
+    ),
+    "sft": Command(
+        "todi.training",
+        "fine-tune a model (the teacher) on instruction data",
+        "todi sft --model gpt2-xl --data data/dolly --dev data/dolly/dev.jsonl --out runs/teacher",
+        config="SFTConfig",
+        run="run_sft",
+    ),
+    "distill": Command(
+        "todi.training",
+        "distil a teacher into a student with ToDi or a baseline divergence",
+        "todi distill --teacher runs/teacher/final --student gpt2 --data data/dolly --loss todi --out runs/todi",
+        config="DistillConfig",
+        run="run_distill",
     ),
 }
 
@@ -74,10 +91,11 @@ def build_parser(name: str, config_cls: type):
     return parser
 
 
-def parse_config(name: str, argv: Sequence[str]):
+def parse_config(name: str, argv: Sequence[str]) -> tuple[Callable[[Any], None], Any]:
     """Parse ``argv`` for subcommand ``name`` into its Config dataclass (YAML defaults, CLI overrides)."""
-    module = importlib.import_module(COMMANDS[name].module)
-    config_cls = module.Config
+    command = COMMANDS[name]
+    module = importlib.import_module(command.module)
+    config_cls = getattr(module, command.config)
     parser = build_parser(name, config_cls)
     known, _ = parser.parse_known_args(argv)
     if known.config:
@@ -91,7 +109,7 @@ def parse_config(name: str, argv: Sequence[str]):
             )
         parser.set_defaults(**values)
     (config,) = parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)[:1]
-    return module, config
+    return getattr(module, command.run), config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,8 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"todi: unknown command {name!r}\nhint: choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        module, config = parse_config(name, rest)
-        module.run(config)
+        run, config = parse_config(name, rest)
+        run(config)
     except TodiError as err:
         if debug:
             raise
