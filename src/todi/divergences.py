@@ -207,18 +207,18 @@ def skew_reverse_kl(student_logp: Tensor, teacher_logp: Tensor, skew: float = 0.
     summary="adaptive KL (Wu et al. 2024): FKL and RKL weighted by the head / tail gaps of p",
 )
 def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, mu: float = 0.5) -> Tensor:
-    """Head = the teacher's top tokens whose cumulative probability stays <= mu, plus always the top-1
-    token (as in the authors' ``get_ratio``); tail = the rest. The gaps g = sum |p - q| over head and
-    tail are detached; FKL is weighted by g_head and RKL by g_tail, normalised by their sum. Identical
-    distributions give 0 rather than the reference's 0/0."""
+    """As in the ToDi authors' baseline: sort p ascending; tail = the items whose cumulative p is <= mu,
+    head = the rest. The gaps g = sum |p - q| over head and tail are detached; FKL is weighted by
+    g_head and RKL by g_tail, normalised by their sum. Identical distributions give 0 rather than the
+    reference's 0/0. (Wu et al.'s own ``get_ratio`` cuts the head from the top instead, which moves
+    only the item straddling mu.)"""
     p, q = teacher_logp.exp(), student_logp.exp()
     with torch.no_grad():
-        p_sorted, order = p.sort(dim=-1, descending=True)
+        p_sorted, order = p.sort(dim=-1)
         gap = (p_sorted - q.gather(-1, order)).abs()
-        head = p_sorted.cumsum(-1) <= mu
-        head[..., 0] = True
-        g_head = (gap * head).sum(-1)
-        g_tail = (gap * ~head).sum(-1)
+        tail = p_sorted.cumsum(-1) <= mu
+        g_tail = (gap * tail).sum(-1)
+        g_head = (gap * ~tail).sum(-1)
         total = g_head + g_tail
         safe_total = torch.where(total > 0, total, torch.ones_like(total))
         w_head = torch.where(total > 0, g_head / safe_total, torch.zeros_like(total))
