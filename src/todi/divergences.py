@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -38,7 +38,9 @@ __all__ = [
     "divergence",
     "get_divergence",
     "log_probs",
+    "masked_log_probs",
     "register_divergence",
+    "register_gradient",
     "todi_weight",
 ]
 
@@ -48,7 +50,7 @@ LOG_FLOOR = -1.0e4
 DivergenceFn = Callable[..., Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: entries are singletons, usable as cache keys
 class Divergence:
     """A registry entry: the per-position function and its parameters with defaults."""
 
@@ -56,6 +58,9 @@ class Divergence:
     fn: DivergenceFn
     params: dict[str, float] = field(default_factory=dict)
     summary: str = ""
+    # Optional closed form (student_logp, teacher_logp, **params) -> (value [...], d value / d s [..., V]),
+    # s being the temperature-scaled student logits; lets the fused loss skip autograd.
+    value_and_grad: Callable[..., tuple[Tensor, Tensor]] | None = None
 
     def resolve(self, params: dict[str, Any]) -> dict[str, float]:
         """Defaults overlaid with ``params``; unknown names and out-of-range values raise ValueError."""
@@ -87,6 +92,16 @@ def register_divergence(
         if name in _REGISTRY:
             raise ValueError(f"divergence {name!r} is already registered")
         _REGISTRY[name] = Divergence(name, fn, dict(params or {}), summary or (fn.__doc__ or "").strip())
+        return fn
+
+    return add
+
+
+def register_gradient(name: str) -> Callable[[Callable], Callable]:
+    """Decorator attaching a closed-form ``value_and_grad`` to the registered divergence ``name``."""
+
+    def add(fn: Callable) -> Callable:
+        _REGISTRY[name] = replace(get_divergence(name), value_and_grad=fn)
         return fn
 
     return add
@@ -131,9 +146,15 @@ def log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float
         t = t / temperature
     if bool(torch.isfinite(s).all()) and bool(torch.isfinite(t).all()):
         return F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    return masked_log_probs(s, t)
+
+
+def masked_log_probs(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-softmax of both (already scaled) logit sets with every entry that is non-finite in either
+    removed from both distributions and set to :data:`LOG_FLOOR` (zero gradient)."""
     masked = ~(torch.isfinite(s) & torch.isfinite(t))
     # A fully masked row is filled with zeros (finite softmax) and then floored entirely: divergence 0.
-    fill = torch.where(masked.all(dim=-1, keepdim=True), 0.0, -math.inf).to(dtype)
+    fill = torch.where(masked.all(dim=-1, keepdim=True), 0.0, -math.inf).to(s.dtype)
     s = torch.where(masked, fill, s)
     t = torch.where(masked, fill, t)
     return (
@@ -256,6 +277,41 @@ def todi_weight(student_logp: Tensor, teacher_logp: Tensor, beta: float = 1.0) -
         total = contribution.sum(-1)
         share = (a * contribution).sum(-1) / torch.where(total > 0, total, torch.ones_like(total))
         return torch.where(total > 0, share, torch.full_like(total, 0.5))
+
+
+# Closed-form gradients w.r.t. the scaled student logits s (q = softmax(s)); the tests check each one
+# against autograd through the value function above.
+
+
+@register_gradient("fkl")
+def _forward_kl_value_and_grad(student_logp: Tensor, teacher_logp: Tensor) -> tuple[Tensor, Tensor]:
+    p = teacher_logp.exp()
+    return (p * (teacher_logp - student_logp)).sum(-1), student_logp.exp() - p
+
+
+@register_gradient("rkl")
+def _reverse_kl_value_and_grad(student_logp: Tensor, teacher_logp: Tensor) -> tuple[Tensor, Tensor]:
+    q = student_logp.exp()
+    log_ratio = student_logp - teacher_logp
+    value = (q * log_ratio).sum(-1)
+    return value, q * (log_ratio - value.unsqueeze(-1))
+
+
+@register_gradient("todi")
+def _token_wise_value_and_grad(
+    student_logp: Tensor, teacher_logp: Tensor, beta: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    # With d = log p - log q, a held constant, r = (1 - a) q and w = a p - r:
+    # D = sum w d and dD/ds = r (1 - d) - a p + q (sum r d + sum w).
+    log_ratio = teacher_logp - student_logp
+    a = torch.sigmoid(beta * log_ratio)
+    q = student_logp.exp()
+    ap = a * teacher_logp.exp()
+    r = (1.0 - a) * q
+    w = ap - r
+    value = (w * log_ratio).sum(-1)
+    total = (r * log_ratio).sum(-1) + w.sum(-1)
+    return value, r * (1.0 - log_ratio) - ap + q * total.unsqueeze(-1)
 
 
 DIVERGENCES: tuple[str, ...] = tuple(_REGISTRY)

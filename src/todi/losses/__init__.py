@@ -1,5 +1,12 @@
 """Distillation losses: on materialised logits, and fused with the output projection in chunks."""
 
+from todi.losses.fused import FusedLinearDistillationLoss, auto_chunk_size, fused_linear_distillation_loss
 from todi.losses.objective import LossOutput, distillation_loss
 
-__all__ = ["LossOutput", "distillation_loss"]
+__all__ = [
+    "FusedLinearDistillationLoss",
+    "LossOutput",
+    "auto_chunk_size",
+    "distillation_loss",
+    "fused_linear_distillation_loss",
+]

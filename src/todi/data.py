@@ -1,0 +1,703 @@
+"""Instruction data to training batches: load, validate, template, tokenise, pad, batch.
+
+The pipeline is the one MiniLLM / DistiLLM / ToDi use for Dolly-style data, so numbers stay comparable:
+an Alpaca prompt, the response tokenised after it with EOS appended, loss only on response tokens.
+Teacher and student share one tokenisation, so only same-tokenizer distillation is supported
+(``check_tokenizers`` says so early instead of producing silently wrong losses).
+
+Every problem with a user's data raises :class:`DataError` naming the file, the 1-based line and the
+field, with a hint saying how to fix it, before any training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from todi.errors import TodiError, UsageError
+
+logger = logging.getLogger(__name__)
+
+TEMPLATES: tuple[str, ...] = ("alpaca", "chat", "none")
+"""Named prompt templates; any other string containing ``{instruction}`` is a custom template."""
+
+IGNORE_INDEX = -100
+"""Label value that the cross-entropy / distillation losses skip (PyTorch and HF convention)."""
+
+# Exact strings of MiniLLM / DistiLLM ``tools/process_data_dolly.py`` (and ToDi, which reuses them).
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+_SPLIT_ALIASES = {
+    "dev": ("dev", "valid", "validation"),
+    "valid": ("valid", "dev", "validation"),
+    "validation": ("validation", "dev", "valid"),
+}
+_FORMAT_HINT = (
+    "each line must be one JSON object with 'instruction', optional 'input' and 'output' "
+    "(a string or a list of reference strings), or with a pre-templated 'prompt' and 'output'"
+)
+
+
+class DataError(TodiError):
+    """Bad training/evaluation data, template or tokenizer: the message says where, the hint what to do."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction-following example; ``references[0]`` is the training target.
+
+    Several references exist for evaluation sets scored by the best ROUGE-L over references.
+    """
+
+    instruction: str
+    input: str = ""
+    references: tuple[str, ...] = ()
+    prompt: str | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        # A bare string would silently become a tuple of characters; a list is accepted for convenience.
+        if isinstance(self.references, str):
+            raise TypeError("Example.references must be a tuple of strings, not a single string")
+        if not isinstance(self.references, tuple):
+            object.__setattr__(self, "references", tuple(self.references))
+
+    @property
+    def output(self) -> str:
+        """The training target (the first reference)."""
+        if not self.references:
+            raise DataError(
+                f"{self.source or 'example'}: has no reference output to train on",
+                "give every training example an 'output'",
+            )
+        return self.references[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------
+
+
+def load_examples(
+    source: str | os.PathLike, split: str = "train", *, max_examples: int | None = None
+) -> list[Example]:
+    """Load and validate a data set, failing on the first bad record with its file, line and field.
+
+    ``source`` is a JSON-lines file; a folder holding ``{split}.jsonl`` (``valid.jsonl`` serves for
+    ``dev``); a folder saved with ``datasets``' ``save_to_disk``; or a Hugging Face ``datasets`` name.
+    ``max_examples`` keeps the first N examples (and reads no further), for quick runs.
+    """
+    if max_examples is not None and max_examples < 1:
+        raise UsageError(f"max_examples must be at least 1, got {max_examples}", "leave it unset to load all")
+    path = Path(source).expanduser()
+    if path.is_file():
+        examples = _read_jsonl(path, max_examples)
+    elif path.is_dir():
+        examples = _load_folder(path, split, max_examples)
+    elif str(source).endswith((".jsonl", ".json")) or str(source).startswith(("/", ".", "~")):
+        raise DataError(f"data file {source} does not exist", "check the path (and the TODI_DATA variable)")
+    else:
+        examples = _load_hub(str(source), split, max_examples)
+    if not examples:
+        raise DataError(
+            f"{source} holds no examples" + ("" if path.is_file() else f" for split {split!r}"),
+            "the file is empty or holds only blank lines; check the path and the split name",
+        )
+    logger.info("loaded %d examples from %s (split %s)", len(examples), source, split)
+    return examples
+
+
+def _load_folder(folder: Path, split: str, max_examples: int | None) -> list[Example]:
+    for name in _SPLIT_ALIASES.get(split, (split,)):
+        candidate = folder / f"{name}.jsonl"
+        if candidate.is_file():
+            return _read_jsonl(candidate, max_examples)
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        import datasets
+
+        return _from_hf(datasets.load_from_disk(str(folder)), str(folder), split, max_examples)
+    found = sorted(p.name for p in folder.glob("*.jsonl")) or ["no .jsonl files"]
+    raise DataError(
+        f"folder {folder} has no {split}.jsonl (found: {', '.join(found)})",
+        "name the split files train.jsonl, dev.jsonl (or valid.jsonl) and test.jsonl, or pass a file path",
+    )
+
+
+def _load_hub(name: str, split: str, max_examples: int | None) -> list[Example]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name)
+    except Exception as err:  # network, unknown name, bad script: all mean "cannot use this source"
+        raise DataError(
+            f"could not load data set {name!r}: {type(err).__name__}: {err}".splitlines()[0],
+            "pass a .jsonl file, a folder with train/dev/test.jsonl or a save_to_disk folder; "
+            "a Hugging Face Hub name needs network access",
+        ) from err
+    return _from_hf(loaded, name, split, max_examples)
+
+
+def _from_hf(loaded: Any, name: str, split: str, max_examples: int | None) -> list[Example]:
+    """Validate rows of a ``datasets.Dataset`` (or pick ``split`` from a ``DatasetDict``) like JSONL lines."""
+    if isinstance(loaded, Mapping):  # DatasetDict
+        for candidate in _SPLIT_ALIASES.get(split, (split,)):
+            if candidate in loaded:
+                loaded, split = loaded[candidate], candidate
+                break
+        else:
+            raise DataError(
+                f"data set {name} has no split {split!r} (splits: {', '.join(loaded)})",
+                "pass one of the listed split names",
+            )
+    elif split != "train":
+        logger.warning("data set %s has no splits; using all of it for split %r", name, split)
+    if max_examples is not None:
+        loaded = loaded.select(range(min(max_examples, len(loaded))))
+    label = f"{name}[{split}]"
+    return [_example_from_record(row, f"{label}, row {i}", f"{label}:{i}") for i, row in enumerate(loaded, 1)]
+
+
+def _read_jsonl(path: Path, max_examples: int | None) -> list[Example]:
+    examples: list[Example] = []
+    with path.open("rb") as file:
+        for lineno, raw in enumerate(file, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
+            where = f"{path}, line {lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(raw, err, where) from None
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{where}: malformed JSON ({err.msg} at column {err.colno})", _FORMAT_HINT
+                ) from None
+            examples.append(_example_from_record(record, where, f"{path}:{lineno}"))
+            if max_examples is not None and len(examples) >= max_examples:
+                break
+    return examples
+
+
+def _not_utf8(raw: bytes, err: UnicodeDecodeError, where: str) -> DataError:
+    """Name the field holding the bad byte: parse with the bytes smuggled through as surrogates."""
+    byte = f"byte 0x{raw[err.start]:02x} at column {err.start + 1}"
+    field = None
+    try:
+        record = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except json.JSONDecodeError:
+        record = None
+    if isinstance(record, dict):
+        field = next((key for key, value in record.items() if not _is_utf8(key) or not _is_utf8(value)), None)
+    what = f"field {field!r}" if field is not None else "the line"
+    return DataError(
+        f"{where}: {what} is not valid UTF-8 ({byte})",
+        "re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`",
+    )
+
+
+def _is_utf8(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_is_utf8(v) for v in value)
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _example_from_record(record: Any, where: str, source: str) -> Example:
+    if not isinstance(record, Mapping):
+        raise DataError(f"{where}: expected a JSON object, got {_json_type(record)}", _FORMAT_HINT)
+
+    def missing(field: str) -> str:
+        if field in record:
+            return f"field {field!r} is null"
+        return f"missing field {field!r} (found fields: {', '.join(map(str, record)) or 'none'})"
+
+    def text_field(field: str) -> str | None:
+        value = record.get(field)
+        if value is not None and not isinstance(value, str):
+            raise DataError(
+                f"{where}: field {field!r} is {_json_type(value)}, expected a string",
+                f"make {field!r} a JSON string (in quotes)",
+            )
+        return value
+
+    prompt = text_field("prompt")
+    instruction = text_field("instruction")
+    input_text = text_field("input") or ""  # null input means "no input", as in many public sets
+    if prompt is None:
+        if instruction is None:
+            raise DataError(f"{where}: {missing('instruction')}", _FORMAT_HINT + "; rename or add the field")
+        if not instruction.strip():
+            raise DataError(
+                f"{where}: field 'instruction' is empty", "fill in the instruction or drop the line"
+            )
+    elif not prompt.strip():
+        raise DataError(f"{where}: field 'prompt' is empty", "fill in the prompt or drop the line")
+
+    output = record.get("output")
+    if output is None:
+        raise DataError(f"{where}: {missing('output')}", _FORMAT_HINT + "; rename or add the field")
+    if isinstance(output, str):
+        references: tuple[str, ...] = (output,)
+    elif isinstance(output, list):
+        if not output:
+            raise DataError(f"{where}: field 'output' is an empty list", "give at least one reference string")
+        for i, ref in enumerate(output):
+            if not isinstance(ref, str):
+                raise DataError(
+                    f"{where}: field 'output[{i}]' is {_json_type(ref)}, expected a string",
+                    "make every reference in 'output' a JSON string",
+                )
+        references = tuple(output)
+    else:
+        raise DataError(
+            f"{where}: field 'output' is {_json_type(output)}, expected a string or a list of strings",
+            "make 'output' a JSON string (or a list of reference strings)",
+        )
+    for i, ref in enumerate(references):
+        if not ref.strip():
+            field = "output" if isinstance(output, str) else f"output[{i}]"
+            raise DataError(
+                f"{where}: field {field!r} is empty",
+                "every example needs a non-empty reference response; fill it in or drop the line",
+            )
+    return Example(
+        instruction=instruction or "", input=input_text, references=references, prompt=prompt, source=source
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Templates
+# --------------------------------------------------------------------------------------------------
+
+_warned_input_dropped: set[str] = set()
+
+
+def check_template(template: str, tokenizer: Any = None) -> None:
+    """Reject an unknown template name or field before any data is processed.
+
+    ``"chat"`` needs a tokenizer with a chat template; that is checked when ``tokenizer`` is given.
+    """
+    if template in ("alpaca", "none"):
+        return
+    if template == "chat":
+        if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                "template 'chat' needs a tokenizer with a chat template, and this tokenizer has none",
+                "use --template alpaca for base models, or the tokenizer of an instruct/chat model",
+            )
+        return
+    if "{instruction}" not in template:
+        raise DataError(
+            f"unknown template {template!r}",
+            f"use one of {', '.join(TEMPLATES)}, or a format string containing {{instruction}} "
+            "(and optionally {input})",
+        )
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise DataError(
+            f"template {template!r} is not a valid format string: {err}",
+            "write literal braces as {{ and }}",
+        ) from None
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if field not in ("instruction", "input"):
+            raise DataError(
+                f"template field {{{field}}} is unknown",
+                "a custom template may use only {instruction} and {input}; write literal braces as {{ and }}",
+            )
+        if spec or conversion:
+            raise DataError(
+                f"template field {{{field}}} has a format spec or conversion",
+                "write plain {instruction} / {input}",
+            )
+
+
+def render_prompt(example: Example, template: str = "alpaca", tokenizer: Any = None) -> str:
+    """The prompt text the model sees before its response (``example.prompt`` verbatim when set)."""
+    if example.prompt is not None:
+        return example.prompt
+    check_template(template, tokenizer)
+    if template == "alpaca":
+        # MiniLLM / DistiLLM test ``len(input) == 0``; whitespace-only input still counts as input.
+        if example.input:
+            return ALPACA_WITH_INPUT.format(instruction=example.instruction, input=example.input)
+        return ALPACA_NO_INPUT.format(instruction=example.instruction)
+    user = example.instruction + (f"\n\n{example.input}" if example.input else "")
+    if template == "none":
+        return user
+    if template == "chat":
+        if tokenizer is None:
+            raise DataError("template 'chat' needs the tokenizer", "pass tokenizer= to render_prompt")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    if example.input and "{input}" not in template and template not in _warned_input_dropped:
+        _warned_input_dropped.add(template)
+        logger.warning(
+            "the custom template has no {input}: the input of examples such as %s is left out",
+            example.source or "this one",
+        )
+    return template.format(instruction=example.instruction, input=example.input)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenisation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodeStats:
+    """What truncation did to a data set. ``kept + dropped == examples``; truncation counts are of kept ones."""
+
+    examples: int = 0
+    kept: int = 0
+    prompt_truncated: int = 0
+    response_truncated: int = 0
+    dropped: int = 0
+
+    def summary(self) -> str:
+        """One line for the log."""
+        return (
+            f"encoded {self.examples} examples: {self.kept} kept ({self.prompt_truncated} with the prompt "
+            f"left-truncated, {self.response_truncated} with the response cut), {self.dropped} dropped "
+            "(prompt left no room for the response)"
+        )
+
+
+def _bos_prefix(tokenizer: Any, template: str) -> list[int]:
+    """BOS only where the tokenizer adds one by default, i.e. the model was trained with it; never for
+    the chat template, which writes its own special tokens."""
+    bos = tokenizer.bos_token_id
+    if bos is None or template == "chat":
+        return []
+    default = tokenizer("a")["input_ids"]
+    return [bos] if default[:1] == [bos] else []
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(
+            "the tokenizer has no EOS token, so responses cannot be terminated",
+            "set tokenizer.eos_token (GPT-2: '<|endoftext|>') or add it to the tokenizer's tokenizer_config.json",
+        )
+    return eos
+
+
+def _check_lengths(max_prompt_length: int, max_length: int | None = None) -> None:
+    if max_prompt_length < 1:
+        raise UsageError(f"max_prompt_length must be at least 1, got {max_prompt_length}")
+    if max_length is not None and max_length < 1:
+        raise UsageError(f"max_length must be at least 1, got {max_length}")
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _prompt_part(prompt_ids: list[int], bos: list[int], max_prompt_length: int) -> tuple[list[int], bool]:
+    """BOS + the END of the prompt (the instruction's last words and '### Response:' matter most)."""
+    if bos and prompt_ids[:1] == bos:
+        prompt_ids = prompt_ids[1:]  # a verbatim prompt that already starts with BOS: keep exactly one
+    room = max(max_prompt_length - len(bos), 0)
+    if len(prompt_ids) <= room:
+        return bos + prompt_ids, False
+    return bos + prompt_ids[len(prompt_ids) - room :], True
+
+
+def _assemble(
+    prompt_ids: list[int],
+    response_ids: list[int],
+    bos: list[int],
+    eos: int,
+    max_prompt_length: int,
+    max_length: int,
+) -> tuple[dict[str, list[int]] | None, bool, bool]:
+    prompt, prompt_truncated = _prompt_part(prompt_ids, bos, max_prompt_length)
+    response = [*response_ids, eos]
+    room = max_length - len(prompt)
+    if room <= 0:
+        return None, prompt_truncated, True
+    response_truncated = len(response) > room
+    response = response[:room]  # a cut response loses its EOS too: the model must not learn to stop there
+    features = {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}
+    return features, prompt_truncated, response_truncated
+
+
+def _status(features: dict | None, prompt_truncated: bool, response_truncated: bool) -> str:
+    if features is None:
+        return "dropped"
+    if response_truncated:
+        return "response_truncated"
+    return "prompt_truncated" if prompt_truncated else "ok"
+
+
+def encode_example(
+    example: Example,
+    tokenizer: Any,
+    *,
+    template: str = "alpaca",
+    max_prompt_length: int = 256,
+    max_length: int = 512,
+) -> tuple[dict[str, list[int]] | None, str]:
+    """Tokenise one example into ``input_ids`` and unshifted ``labels`` (-100 on the prompt).
+
+    Status is the most severe of ``dropped`` > ``response_truncated`` > ``prompt_truncated`` > ``ok``;
+    ``encode_examples`` counts both truncations when both happen.
+    """
+    _check_lengths(max_prompt_length, max_length)
+    check_template(template, tokenizer)
+    bos, eos = _bos_prefix(tokenizer, template), _eos_id(tokenizer)
+    prompt_ids, response_ids = _tokenize(
+        tokenizer, [render_prompt(example, template, tokenizer), example.output]
+    )
+    features, p_cut, r_cut = _assemble(prompt_ids, response_ids, bos, eos, max_prompt_length, max_length)
+    return features, _status(features, p_cut, r_cut)
+
+
+def encode_examples(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    *,
+    template: str = "alpaca",
+    max_prompt_length: int = 256,
+    max_length: int = 512,
+) -> tuple[list[dict[str, list[int]]], EncodeStats]:
+    """Encode a data set exactly as ``encode_example`` does (batched for speed); log what truncation did."""
+    _check_lengths(max_prompt_length, max_length)
+    check_template(template, tokenizer)
+    if not examples:
+        raise DataError("no examples to encode", "check the data path and split")
+    bos, eos = _bos_prefix(tokenizer, template), _eos_id(tokenizer)
+    prompts = _tokenize(tokenizer, [render_prompt(ex, template, tokenizer) for ex in examples])
+    responses = _tokenize(tokenizer, [ex.output for ex in examples])
+    stats = EncodeStats(examples=len(examples))
+    encoded = []
+    for prompt_ids, response_ids in zip(prompts, responses):
+        features, p_cut, r_cut = _assemble(prompt_ids, response_ids, bos, eos, max_prompt_length, max_length)
+        if features is None:
+            stats.dropped += 1
+            continue
+        encoded.append(features)
+        stats.kept += 1
+        stats.prompt_truncated += p_cut
+        stats.response_truncated += r_cut
+    logger.info("%s", stats.summary())
+    if not encoded:
+        raise DataError(
+            f"all {stats.examples} examples were dropped: the prompts fill max_length={max_length}",
+            "raise max_length above max_prompt_length so every response keeps some tokens",
+        )
+    return encoded, stats
+
+
+def encode_prompt(
+    example: Example, tokenizer: Any, *, template: str = "alpaca", max_prompt_length: int = 256
+) -> list[int]:
+    """The prompt ids exactly as training sees them (same BOS rule and left truncation), for generation."""
+    _check_lengths(max_prompt_length)
+    check_template(template, tokenizer)
+    bos = _bos_prefix(tokenizer, template)
+    (prompt_ids,) = _tokenize(tokenizer, [render_prompt(example, template, tokenizer)])
+    return _prompt_part(prompt_ids, bos, max_prompt_length)[0]
+
+
+def ensure_pad_token(tokenizer: Any) -> int:
+    """The pad id for the collator: the tokenizer's own, else EOS (padding is masked, so any id works)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token is None:
+        raise DataError(
+            "the tokenizer has neither a pad nor an EOS token",
+            "set tokenizer.pad_token (or eos_token) before building batches",
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+    logger.info("tokenizer has no pad token; padding with EOS %r (masked out)", tokenizer.eos_token)
+    return tokenizer.pad_token_id
+
+
+# --------------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------------
+
+
+class DataCollator:
+    """Right-pad a list of encoded examples to the longest one (optionally to a multiple, for tensor cores).
+
+    Position ids are given explicitly so that padded and packed layouts agree on positions.
+    """
+
+    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None, label_pad_id: int = -100):
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise UsageError(f"pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.label_pad_id = label_pad_id
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("DataCollator got an empty batch")
+        width = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        with_labels = all("labels" in f for f in features)
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "position_ids": []}
+        if with_labels:
+            batch["labels"] = []
+        for f in features:
+            n = len(f["input_ids"])
+            pad = width - n
+            batch["input_ids"].append([*f["input_ids"], *[self.pad_token_id] * pad])
+            batch["attention_mask"].append([1] * n + [0] * pad)
+            batch["position_ids"].append([*range(n), *[0] * pad])
+            if with_labels:
+                if len(f["labels"]) != n:
+                    raise ValueError(f"labels ({len(f['labels'])}) and input_ids ({n}) differ in length")
+                batch["labels"].append([*f["labels"], *[self.label_pad_id] * pad])
+        return {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items()}
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, *, seed: int, mode: str = "bucket"
+) -> list[list[int]]:
+    """Index batches covering every example once, grouped by length to waste less compute on padding.
+
+    ``none``: shuffled batches. ``sort``: all examples sorted by length (longest first), batch order
+    shuffled. ``bucket``: shuffle, sort within mega-batches of 50 batches, shuffle batch order (keeps
+    randomness while cutting most padding). Deterministic for a given seed.
+    """
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    if mode not in ("none", "sort", "bucket"):
+        raise UsageError(f"unknown length grouping {mode!r}", "use one of: none, sort, bucket")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)  # also randomises ties in the sorts below
+    if mode == "sort":
+        order.sort(key=lambda i: -lengths[i])
+    elif mode == "bucket":
+        mega = 50 * batch_size
+        order = [
+            i
+            for s in range(0, len(order), mega)
+            for i in sorted(order[s : s + mega], key=lambda i: -lengths[i])
+        ]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if mode != "none":
+        rng.shuffle(batches)
+    return batches
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher/student tokenizer compatibility
+# --------------------------------------------------------------------------------------------------
+
+_PROBE = "Hello, world! Ünïcödé façade 123 4567\n\tdef f(x):  return x ** 2  # ok?"
+_SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
+def check_tokenizers(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+    """Ensure one tokenisation serves teacher and student (same vocabulary, special ids and splitting).
+
+    Token-level distillation compares distributions id by id, so any difference makes the loss wrong.
+    """
+    teacher, student = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    problem = None
+    if teacher != student:
+        t_by_id = {i: t for t, i in teacher.items()}
+        s_by_id = {i: t for t, i in student.items()}
+        first = min(i for i in t_by_id.keys() | s_by_id.keys() if t_by_id.get(i) != s_by_id.get(i))
+        shown = [repr(by_id[first]) if first in by_id else "(none)" for by_id in (t_by_id, s_by_id)]
+        problem = (
+            f"id {first}: teacher {shown[0]} vs student {shown[1]} "
+            f"(teacher has {len(teacher)} tokens, student {len(student)})"
+        )
+    else:
+        for name in _SPECIAL_IDS:
+            t, s = getattr(teacher_tokenizer, name, None), getattr(student_tokenizer, name, None)
+            if t != s:
+                problem = f"{name}: teacher {t} vs student {s}"
+                break
+        else:
+            t_ids, s_ids = teacher_tokenizer(_PROBE)["input_ids"], student_tokenizer(_PROBE)["input_ids"]
+            if t_ids != s_ids:
+                problem = f"same vocabulary but different tokenisation of {_PROBE!r}: {t_ids} vs {s_ids}"
+    if problem:
+        raise DataError(
+            f"teacher and student tokenizers differ: {problem}; cross-tokenizer distillation is not supported yet",
+            "pick a student from the teacher's model family (same tokenizer), e.g. GPT-2 XL -> GPT-2",
+        )
+
+
+_logged_heads: set[tuple[int, int]] = set()
+
+
+def shared_vocab_size(tokenizer: Any, *vocab_sizes: int) -> int:
+    """How many logits the loss uses: the tokenizer's size, when every model head has at least that many.
+
+    Heads are often padded past the tokenizer (e.g. 152,064 rows for 151,665 tokens); the extra rows are
+    never targets and teacher and student may pad differently, so only the first ``len(tokenizer)`` count.
+    """
+    size = len(tokenizer)
+    for head in vocab_sizes:
+        if head < size:
+            raise DataError(
+                f"model head has {head} logits but the tokenizer has {size} tokens",
+                "use the tokenizer that belongs to the model, or resize the model's token embeddings",
+            )
+        if head > size and (head, size) not in _logged_heads:
+            _logged_heads.add((head, size))
+            logger.info(
+                "model head has %d logits but the tokenizer has %d tokens; the loss uses the first %d",
+                head,
+                size,
+                size,
+            )
+    return size
+
+
+def resolve_data_root(explicit: str | None = None) -> Path | None:
+    """Where the shared data lives: ``explicit``, else ``$TODI_DATA``, else ``../shared/data`` if present."""
+    for given, origin in ((explicit, "the data path given"), (os.environ.get("TODI_DATA"), "TODI_DATA")):
+        if given:
+            path = Path(given).expanduser()
+            if not path.is_dir():
+                raise DataError(f"{origin} ({path}) is not a folder", "fix the path, or unset TODI_DATA")
+            return path
+    default = Path.cwd().parent / "shared" / "data"
+    return default if default.is_dir() else None

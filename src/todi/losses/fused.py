@@ -1,0 +1,372 @@
+"""Linear head + distillation objective fused and chunked: the [N, V] logits never exist at once.
+
+The forward pass walks over chunks of supervised positions; for each chunk it builds the student and
+teacher logits ``[chunk, V]``, computes the chunk's CE and divergence sums *and* the gradient of the
+objective w.r.t. the chunk's student logits, and immediately folds that gradient into the gradients
+of the student hidden states, head weight and bias. Backward then only scales the stored gradients.
+Peak memory is therefore O(chunk_size x V) whatever N is (the same design as Liger-Kernel's chunked
+losses), and it serves every divergence in the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from todi.divergences import Divergence, check_vocab, get_divergence, masked_log_probs, todi_weight
+from todi.losses.objective import LossOutput, check_objective, normaliser
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FusedLinearDistillationLoss", "auto_chunk_size", "fused_linear_distillation_loss"]
+
+# Budget for ONE [chunk, V] float32 tensor; the chunk step keeps roughly ten of them alive.
+_CHUNK_BYTES = 32 * 2**20
+
+
+def auto_chunk_size(num_rows: int, vocab_size: int) -> int:
+    """The chunk size used when none is given.
+
+    The largest power of two whose ``[chunk, V]`` float32 tensor fits in 32 MiB (so the ~10 such
+    temporaries of one chunk stay near 320 MiB), clamped to [16, 4096] and to the number of rows
+    rounded up to a power of two. For V = 50k that is 128 rows; for V = 150k, 32 rows. Rows of 576-4096
+    features keep the head matmuls large enough to run near peak speed at these sizes.
+    """
+    rows_in_budget = max(_CHUNK_BYTES // (max(vocab_size, 1) * 4), 1)
+    size = min(max(1 << (rows_in_budget.bit_length() - 1), 16), 4096)
+    return min(size, 1 << (max(num_rows, 1) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class _Objective:
+    entry: Divergence
+    params: tuple[tuple[str, float], ...]
+    kd_rate: float
+    temperature: float
+    with_teacher: bool
+
+
+def _chunk_kernel(
+    z: Tensor, zt: Tensor | None, targets: Tensor, scale: Tensor, objective: _Objective, need_grad: bool, safe: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """CE sum, divergence sum, ToDi-weight sum and d(objective * scale)/dz for one chunk of float32 logits.
+
+    ``safe`` selects the masked log-softmax (non-finite logits present). Pure tensor code without
+    data-dependent Python branches, so that ``torch.compile`` can fuse it into a few loops.
+    """
+    kd_rate, temperature, entry = objective.kd_rate, objective.temperature, objective.entry
+    params = dict(objective.params)
+    zero = z.new_zeros(())
+    ce, kd, weight, grad = zero, zero, zero, None
+    if kd_rate < 1:
+        lse = torch.logsumexp(z, dim=-1)
+        ce = (lse - z.gather(1, targets.unsqueeze(1)).squeeze(1)).sum()
+        if need_grad:
+            # softmax - one_hot(targets), written as a where so that it fuses (and avoids an inductor
+            # miscompile seen with scatter_add_ on CPU).
+            softmax = torch.exp(z - lse.unsqueeze(1))
+            is_target = torch.arange(z.shape[1], device=z.device) == targets.unsqueeze(1)
+            grad = torch.where(is_target, softmax - 1.0, softmax) * ((1.0 - kd_rate) * scale)
+    if not objective.with_teacher:
+        return ce, kd, weight, grad
+
+    def scaled_log_probs(student: Tensor) -> tuple[Tensor, Tensor]:
+        s, t = student / temperature, zt / temperature
+        return masked_log_probs(s, t) if safe else (F.log_softmax(s, -1), F.log_softmax(t, -1))
+
+    if need_grad and entry.value_and_grad is not None:
+        ls, lt = scaled_log_probs(z)
+        per_row, grad_s = entry.value_and_grad(ls, lt, **params)
+        kd = per_row.sum()
+        grad_kd = grad_s * (kd_rate * scale / temperature)
+    elif need_grad:
+
+        def kd_of(student: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            ls_, lt_ = scaled_log_probs(student)
+            return entry.fn(ls_, lt_, **params).sum(), (ls_.detach(), lt_.detach())
+
+        grad_raw, (kd, (ls, lt)) = torch.func.grad_and_value(kd_of, has_aux=True)(z)
+        grad_kd = grad_raw * (kd_rate * scale)
+    else:
+        ls, lt = scaled_log_probs(z)
+        kd, grad_kd = entry.fn(ls, lt, **params).sum(), None
+    if entry.name == "todi":
+        weight = todi_weight(ls, lt, params["beta"]).sum()
+    if grad_kd is not None:
+        grad = grad_kd if grad is None else grad + grad_kd
+    return ce, kd.detach(), weight, grad
+
+
+_COMPILED: dict[tuple, Any] = {}
+_COMPILE_FAILED: set[tuple] = set()
+
+
+def _use_compile(compile: bool | None, full_chunks: int) -> bool:
+    env = os.environ.get("TODI_COMPILE")
+    if env is not None:
+        return env not in ("0", "false", "False", "")
+    if compile is not None:
+        return compile
+    # Compiling costs seconds once per chunk shape; only worth it when several full chunks follow.
+    return full_chunks >= 4
+
+
+def _run_kernel(
+    z: Tensor,
+    zt: Tensor | None,
+    targets: Tensor,
+    scale: Tensor,
+    objective: _Objective,
+    need_grad: bool,
+    safe: bool,
+    compiled: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    key = (objective, need_grad, safe, tuple(z.shape), z.device.type)
+    if compiled and key not in _COMPILE_FAILED:
+        kernel = _COMPILED.get(key)
+        if kernel is None:
+            kernel = _COMPILED[key] = torch.compile(_chunk_kernel, dynamic=False)
+        try:
+            return kernel(z, zt, targets, scale, objective, need_grad, safe)
+        except Exception as err:  # a backend without a compiler must not stop training
+            _COMPILE_FAILED.add(key)
+            logger.warning("torch.compile of the fused loss failed (%s); running it eagerly", err)
+    return _chunk_kernel(z, zt, targets, scale, objective, need_grad, safe)
+
+
+def _all_finite(*tensors: Tensor | None) -> bool:
+    """Finite inputs give finite logits, so the chunks can skip the masked log-softmax; checking the
+    [N, H] inputs is far cheaper than checking [N, V] logits."""
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class _FusedLinearDistillation(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        student_bias: Tensor | None,
+        teacher_hidden: Tensor | None,
+        teacher_weight: Tensor | None,
+        teacher_bias: Tensor | None,
+        targets: Tensor,
+        denom: Tensor,
+        objective: _Objective,
+        chunk_size: int,
+        compile: bool | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        need_grad = any(ctx.needs_input_grad[:3])
+        grad_hidden = torch.zeros_like(student_hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = (
+            torch.zeros_like(student_bias, dtype=torch.float32)
+            if student_bias is not None and ctx.needs_input_grad[2]
+            else None
+        )
+        scale = 1.0 / denom
+        rows_total = student_hidden.shape[0]
+        compiled = _use_compile(compile, rows_total // chunk_size)
+        safe = not _all_finite(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        ce_sum = student_hidden.new_zeros((), dtype=torch.float32)
+        kd_sum, weight_sum = ce_sum.clone(), ce_sum.clone()
+        for start in range(0, student_hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            h = student_hidden[rows]
+            student_logits = F.linear(h, student_weight, student_bias)
+            teacher_logits = None
+            if teacher_hidden is not None:
+                teacher_logits = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+            ce, kd, weight, grad = _run_kernel(
+                student_logits.float(),
+                None if teacher_logits is None else teacher_logits.float(),
+                targets[rows],
+                scale,
+                objective,
+                need_grad,
+                safe,
+                compiled and student_logits.shape[0] == chunk_size,
+            )
+            ce_sum += ce
+            kd_sum += kd
+            weight_sum += weight
+            if grad is None:
+                continue
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad.to(student_weight.dtype) @ student_weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t(), h.float())
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        loss = ((1.0 - objective.kd_rate) * ce_sum + objective.kd_rate * kd_sum) / denom
+        ctx.save_for_backward(
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(student_weight.dtype),
+            None if grad_bias is None else grad_bias.to(student_bias.dtype),
+        )
+        ctx.mark_non_differentiable(ce_sum, kd_sum, weight_sum)
+        return loss, ce_sum, kd_sum, weight_sum
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grads = [g if g is None else g * grad_loss.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def fused_linear_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    labels: Tensor,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    divergence: str = "todi",
+    kd_rate: float = 0.5,
+    temperature: float = 2.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int | None = None,
+    compile: bool | None = None,
+    **params: float,
+) -> LossOutput:
+    """Same result as :func:`todi.losses.distillation_loss` on ``hidden @ weight.T (+ bias)`` logits,
+    without materialising the ``[N, V]`` logits of either model.
+
+    Args:
+        student_hidden: ``[N, H_s]`` final hidden states of the student (flattened positions).
+        student_weight: ``[V, H_s]`` student output embedding; ``student_bias`` ``[V]`` optional.
+        teacher_hidden, teacher_weight, teacher_bias: the same for the teacher (``[N, H_t]``,
+            ``[V, H_t]``); never receive gradients. May be None when ``kd_rate == 0``.
+        labels: ``[N]`` targets aligned with the rows (already shifted); ``ignore_index`` rows are
+            skipped entirely.
+        chunk_size: rows per chunk; None picks :func:`auto_chunk_size` (32 MiB per [chunk, V] tensor).
+        compile: fuse the per-chunk softmax / divergence / gradient math with ``torch.compile``
+            (several times faster on CPU and GPU). None = automatic: on when at least 4 full chunks
+            are processed (compiling costs seconds once per shape); env ``TODI_COMPILE=0/1`` overrides.
+            Falls back to eager with a warning where compilation fails.
+        Other arguments as in :func:`todi.losses.distillation_loss`.
+
+    Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``. Hidden states may be
+    bf16; the softmax and divergence math always runs in float32.
+    """
+    check_objective(kd_rate, temperature)
+    entry = get_divergence(divergence)
+    resolved = entry.resolve(params)
+    if student_hidden.dim() != 2 or labels.shape != student_hidden.shape[:1]:
+        raise ValueError(
+            f"student_hidden must be [N, H] with labels [N]; got {tuple(student_hidden.shape)} and "
+            f"{tuple(labels.shape)} (flatten batch and sequence first, e.g. hidden.reshape(-1, H))"
+        )
+    with_teacher = teacher_hidden is not None
+    if not with_teacher and kd_rate > 0:
+        raise ValueError("teacher_hidden is None but kd_rate > 0; pass the teacher or set kd_rate=0")
+    if with_teacher:
+        if teacher_weight is None:
+            raise ValueError("teacher_hidden is given but teacher_weight is None")
+        if teacher_hidden.shape[0] != student_hidden.shape[0]:
+            raise ValueError(
+                f"teacher_hidden has {teacher_hidden.shape[0]} rows but student_hidden has "
+                f"{student_hidden.shape[0]}; both must hold the same positions"
+            )
+        check_vocab(torch.Size([student_weight.shape[0]]), torch.Size([teacher_weight.shape[0]]))
+
+    keep = labels != ignore_index
+    num_tokens = keep.sum()
+    denom = normaliser(num_tokens, num_items_in_batch)
+    # Only supervised rows are projected at all; the others have zero loss and zero gradient.
+    rows = keep.nonzero().squeeze(-1)
+    selected_student = student_hidden.index_select(0, rows)
+    selected_teacher = teacher_hidden.detach().index_select(0, rows) if with_teacher else None
+    chunk = chunk_size or auto_chunk_size(rows.numel(), student_weight.shape[0])
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    objective = _Objective(entry, tuple(sorted(resolved.items())), float(kd_rate), float(temperature), with_teacher)
+    loss, ce_sum, kd_sum, weight_sum = _FusedLinearDistillation.apply(
+        selected_student,
+        student_weight,
+        student_bias,
+        selected_teacher,
+        None if teacher_weight is None else teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+        labels.index_select(0, rows),
+        denom,
+        objective,
+        chunk,
+        compile,
+    )
+    return LossOutput(
+        loss=loss,
+        ce=ce_sum / denom,
+        kd=kd_sum / denom,
+        num_tokens=int(num_tokens),
+        todi_weight=weight_sum / num_tokens.clamp_min(1) if entry.name == "todi" and with_teacher else None,
+    )
+
+
+class FusedLinearDistillationLoss(nn.Module):
+    """Module form of :func:`fused_linear_distillation_loss` for a user's own training loop::
+
+        loss_fn = FusedLinearDistillationLoss(divergence="todi", kd_rate=0.5, temperature=2.0)
+        out = loss_fn(student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels)
+        out.loss.backward()
+    """
+
+    def __init__(
+        self,
+        divergence: str = "todi",
+        *,
+        kd_rate: float = 0.5,
+        temperature: float = 2.0,
+        ignore_index: int = -100,
+        chunk_size: int | None = None,
+        compile: bool | None = None,
+        **params: float,
+    ) -> None:
+        super().__init__()
+        check_objective(kd_rate, temperature)
+        get_divergence(divergence).resolve(params)
+        self.divergence, self.kd_rate, self.temperature = divergence, kd_rate, temperature
+        self.ignore_index, self.chunk_size, self.params = ignore_index, chunk_size, params
+        self.compile = compile
+
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor | None,
+        teacher_weight: Tensor | None,
+        labels: Tensor,
+        *,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> LossOutput:
+        return fused_linear_distillation_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            divergence=self.divergence,
+            kd_rate=self.kd_rate,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=self.chunk_size,
+            compile=self.compile,
+            **self.params,
+        )
+
+    def extra_repr(self) -> str:
+        return f"divergence={self.divergence!r}, kd_rate={self.kd_rate}, temperature={self.temperature}"
