@@ -72,7 +72,9 @@ def _load_yaml(path: str) -> dict:
     except yaml.YAMLError as err:
         raise UsageError(f"config file {path} is not valid YAML: {err}".replace("\n", " ")) from None
     if not isinstance(data, dict):
-        raise UsageError(f"config file {path} must hold a mapping of option: value, not {type(data).__name__}")
+        raise UsageError(
+            f"config file {path} must hold a mapping of option: value, not {type(data).__name__}"
+        )
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
@@ -87,7 +89,9 @@ def build_parser(name: str, config_cls: type):
         epilog=f"example:\n  {command.example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=None, help="YAML file of options; command-line values override it")
+    parser.add_argument(
+        "--config", default=None, help="YAML file of options; command-line values override it"
+    )
     return parser
 
 

@@ -130,7 +130,9 @@ def check_vocab(student_shape: torch.Size, teacher_shape: torch.Size) -> None:
         )
 
 
-def log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def log_probs(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Temperature-scaled log-softmax of both logit sets, float32 (float64 in, float64 out).
 
     Non-finite logits are masked out of both distributions (see the module docstring).

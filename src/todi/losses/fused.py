@@ -53,7 +53,13 @@ class _Objective:
 
 
 def _chunk_kernel(
-    z: Tensor, zt: Tensor | None, targets: Tensor, scale: Tensor, objective: _Objective, need_grad: bool, safe: bool
+    z: Tensor,
+    zt: Tensor | None,
+    targets: Tensor,
+    scale: Tensor,
+    objective: _Objective,
+    need_grad: bool,
+    safe: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """CE sum, divergence sum, ToDi-weight sum and d(objective * scale)/dz for one chunk of float32 logits.
 
@@ -164,7 +170,9 @@ class _FusedLinearDistillation(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         need_grad = any(ctx.needs_input_grad[:3])
         grad_hidden = torch.zeros_like(student_hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_weight = (
+            torch.zeros_like(student_weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        )
         grad_bias = (
             torch.zeros_like(student_bias, dtype=torch.float32)
             if student_bias is not None and ctx.needs_input_grad[2]
@@ -173,7 +181,9 @@ class _FusedLinearDistillation(torch.autograd.Function):
         scale = 1.0 / denom
         rows_total = student_hidden.shape[0]
         compiled = _use_compile(compile, rows_total // chunk_size)
-        safe = not _all_finite(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        safe = not _all_finite(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
+        )
         ce_sum = student_hidden.new_zeros((), dtype=torch.float32)
         kd_sum, weight_sum = ce_sum.clone(), ce_sum.clone()
         for start in range(0, student_hidden.shape[0], chunk_size):
@@ -289,7 +299,9 @@ def fused_linear_distillation_loss(
     chunk = chunk_size or auto_chunk_size(rows.numel(), student_weight.shape[0])
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    objective = _Objective(entry, tuple(sorted(resolved.items())), float(kd_rate), float(temperature), with_teacher)
+    objective = _Objective(
+        entry, tuple(sorted(resolved.items())), float(kd_rate), float(temperature), with_teacher
+    )
     loss, ce_sum, kd_sum, weight_sum = _FusedLinearDistillation.apply(
         selected_student,
         student_weight,
@@ -315,9 +327,9 @@ def fused_linear_distillation_loss(
 class FusedLinearDistillationLoss(nn.Module):
     """Module form of :func:`fused_linear_distillation_loss` for a user's own training loop::
 
-        loss_fn = FusedLinearDistillationLoss(divergence="todi", kd_rate=0.5, temperature=2.0)
-        out = loss_fn(student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels)
-        out.loss.backward()
+    loss_fn = FusedLinearDistillationLoss(divergence="todi", kd_rate=0.5, temperature=2.0)
+    out = loss_fn(student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels)
+    out.loss.backward()
     """
 
     def __init__(
