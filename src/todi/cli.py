@@ -30,6 +30,11 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        "todi.demo",
+        "the whole pipeline on embedded data: teacher, SFT/FKL/RKL/ToDi students, evaluation, report",
+        "todi demo --out todi-demo   (add --quick for a 3-minute run, --all for every divergence)",
+    ),
     "eval": Command(
         "todi.evaluation",
         "sample answers and score ROUGE-L on instruction-following test sets",
