@@ -167,8 +167,10 @@ class _FusedLinearDistillation(torch.autograd.Function):
         objective: _Objective,
         chunk_size: int,
         compile: bool | None,
+        grad_enabled: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        need_grad = any(ctx.needs_input_grad[:3])
+        # Inside forward grad mode is always off; whether the caller had it on arrives as grad_enabled.
+        need_grad = grad_enabled and any(ctx.needs_input_grad[:3])
         grad_hidden = torch.zeros_like(student_hidden) if ctx.needs_input_grad[0] else None
         grad_weight = (
             torch.zeros_like(student_weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -227,7 +229,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         grads = [g if g is None else g * grad_loss.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_distillation_loss(
@@ -296,9 +298,9 @@ def fused_linear_distillation_loss(
     rows = keep.nonzero().squeeze(-1)
     selected_student = student_hidden.index_select(0, rows)
     selected_teacher = teacher_hidden.detach().index_select(0, rows) if with_teacher else None
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
     chunk = chunk_size or auto_chunk_size(rows.numel(), student_weight.shape[0])
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     objective = _Objective(
         entry, tuple(sorted(resolved.items())), float(kd_rate), float(temperature), with_teacher
     )
@@ -314,6 +316,7 @@ def fused_linear_distillation_loss(
         objective,
         chunk,
         compile,
+        torch.is_grad_enabled(),
     )
     return LossOutput(
         loss=loss,
