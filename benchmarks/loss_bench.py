@@ -61,7 +61,9 @@ def _naive_todi(hs, ws, ht, wt, labels):
     return loss
 
 
-def _run_case(case: str, n: int, hidden: int, vocab: int, warmup: int, repeats: int, chunk: int | None) -> dict:
+def _run_case(
+    case: str, n: int, hidden: int, vocab: int, warmup: int, repeats: int, chunk: int | None
+) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -85,7 +87,15 @@ def _run_case(case: str, n: int, hidden: int, vocab: int, warmup: int, repeats: 
 
         def step():
             out = fused_linear_distillation_loss(
-                hs, ws, ht, wt, labels, divergence=name, kd_rate=KD_RATE, temperature=TEMPERATURE, chunk_size=chunk
+                hs,
+                ws,
+                ht,
+                wt,
+                labels,
+                divergence=name,
+                kd_rate=KD_RATE,
+                temperature=TEMPERATURE,
+                chunk_size=chunk,
             )
             out.loss.backward()
             return out.loss
@@ -94,7 +104,11 @@ def _run_case(case: str, n: int, hidden: int, vocab: int, warmup: int, repeats: 
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
         loss_fn = LigerFusedLinearJSDLoss(
-            weight_hard_loss=1 - KD_RATE, weight_soft_loss=KD_RATE, beta=0.0, temperature=TEMPERATURE, compiled=False
+            weight_hard_loss=1 - KD_RATE,
+            weight_soft_loss=KD_RATE,
+            beta=0.0,
+            temperature=TEMPERATURE,
+            compiled=False,
         )
 
         def step():
@@ -136,7 +150,9 @@ def _run_case(case: str, n: int, hidden: int, vocab: int, warmup: int, repeats: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="1024,4096", help="comma list of N (positions)")
     parser.add_argument("--shapes", default="smollm2,gpt2", help=f"comma list of {sorted(SHAPES)}")
     parser.add_argument("--cases", default=",".join(CASES))
@@ -175,7 +191,9 @@ def main() -> None:
                     flush=True,
                 )
 
-    print("\n| shape | N | case | fwd+bwd median (s) | x floor | peak MiB above inputs | % of naive-todi peak |")
+    print(
+        "\n| shape | N | case | fwd+bwd median (s) | x floor | peak MiB above inputs | % of naive-todi peak |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         same = {x["case"]: x for x in results if x["shape"] == r["shape"] and x["n"] == r["n"]}

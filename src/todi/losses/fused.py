@@ -27,16 +27,17 @@ logger = logging.getLogger(__name__)
 __all__ = ["FusedLinearDistillationLoss", "auto_chunk_size", "fused_linear_distillation_loss"]
 
 # Budget for ONE [chunk, V] float32 tensor; the chunk step keeps roughly ten of them alive.
-_CHUNK_BYTES = 32 * 2**20
+_CHUNK_BYTES = 128 * 2**20
 
 
 def auto_chunk_size(num_rows: int, vocab_size: int) -> int:
     """The chunk size used when none is given.
 
-    The largest power of two whose ``[chunk, V]`` float32 tensor fits in 32 MiB (so the ~10 such
-    temporaries of one chunk stay near 320 MiB), clamped to [16, 4096] and to the number of rows
-    rounded up to a power of two. For V = 50k that is 128 rows; for V = 150k, 32 rows. Rows of 576-4096
-    features keep the head matmuls large enough to run near peak speed at these sizes.
+    The largest power of two whose ``[chunk, V]`` float32 tensor fits in 128 MiB (so the ~10 such
+    temporaries of one chunk stay near 1.3 GiB, whatever N is), clamped to [16, 4096] and to the number
+    of rows rounded up to a power of two. For V = 50k that is 512 rows; for V = 150k, 128 rows. Smaller
+    chunks save memory but starve the head matmuls: on a 2-core CPU at V = 49,152, 128-row chunks ran
+    the fused ToDi step 16% slower than 512-row chunks (benchmarks/loss_bench.py --chunk-size).
     """
     rows_in_budget = max(_CHUNK_BYTES // (max(vocab_size, 1) * 4), 1)
     size = min(max(1 << (rows_in_budget.bit_length() - 1), 16), 4096)
@@ -260,7 +261,7 @@ def fused_linear_distillation_loss(
             ``[V, H_t]``); never receive gradients. May be None when ``kd_rate == 0``.
         labels: ``[N]`` targets aligned with the rows (already shifted); ``ignore_index`` rows are
             skipped entirely.
-        chunk_size: rows per chunk; None picks :func:`auto_chunk_size` (32 MiB per [chunk, V] tensor).
+        chunk_size: rows per chunk; None picks :func:`auto_chunk_size` (128 MiB per [chunk, V] tensor).
         compile: fuse the per-chunk softmax / divergence / gradient math with ``torch.compile``
             (several times faster on CPU and GPU). None = automatic: on when at least 4 full chunks
             are processed (compiling costs seconds once per shape); env ``TODI_COMPILE=0/1`` overrides.

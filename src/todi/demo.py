@@ -1,0 +1,270 @@
+"""``todi demo``: the whole pipeline on an embedded task set, in minutes on a laptop CPU.
+
+Phases: write the embedded data (:mod:`todi.demo_tasks`); train a teacher from scratch (cached under
+the user cache folder, so a second run skips it); train one student per objective (SFT only, then
+FKL, RKL and ToDi; every registry objective with ``--all``) with the same steps, data order and seed;
+evaluate teacher and students on the held-out split (sampled ROUGE-L over several seeds, as the paper
+evaluates, and exact match); write ``report.md`` with the table and three figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from todi import demo_tasks
+from todi.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+# Bump when the generator, the architectures or the teacher recipe change: it keys the teacher cache.
+DEMO_VERSION = 1
+
+
+def _opt(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class Config:
+    """Distil a teacher into students with SFT, FKL, RKL and ToDi on embedded data, then compare them."""
+
+    out: str = _opt("todi-demo", "output folder: data/, runs/, eval/, report.md and figures")
+    quick: bool = _opt(False, "a smaller, faster profile (about a third of the default time)")
+    all: bool = _opt(False, "train a student for every objective in the registry, not only FKL/RKL/ToDi")
+    seed: int = _opt(0, "seed of the data generator, initialisation and data order")
+    cache_dir: str | None = _opt(
+        None, "where the trained teacher is cached (default: $TODI_CACHE or ~/.cache/todi)"
+    )
+    overwrite: bool = _opt(False, "replace an existing demo in --out")
+
+
+@dataclass(frozen=True)
+class Profile:
+    train_examples: int
+    test_examples: int
+    eval_seeds: tuple[int, ...]
+    teacher_layers: int
+    teacher_hidden: int
+    teacher_steps: int
+    student_layers: int
+    student_hidden: int
+    student_steps: int
+    batch_size: int = 32
+    teacher_lr: float = 3e-3
+    student_lr: float = 3e-3
+
+
+PROFILES = {
+    "default": Profile(
+        train_examples=4000, test_examples=200, eval_seeds=(10, 20, 30),
+        teacher_layers=4, teacher_hidden=192, teacher_steps=900,
+        student_layers=2, student_hidden=64, student_steps=300,
+    ),
+    "quick": Profile(
+        train_examples=2000, test_examples=120, eval_seeds=(10,),
+        teacher_layers=3, teacher_hidden=128, teacher_steps=400,
+        student_layers=2, student_hidden=64, student_steps=150,
+    ),
+}  # fmt: skip
+
+
+def _llama_config(tokenizer: Any, layers: int, hidden: int) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 32, 1),
+        num_key_value_heads=max(hidden // 32, 1),
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _save_init(folder: Path, tokenizer: Any, layers: int, hidden: int, seed: int) -> Path:
+    """A randomly initialised model folder (model + tokenizer) that ``from_pretrained`` loads."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_llama_config(tokenizer, layers, hidden))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _cache_root(config: Config) -> Path:
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    if os.environ.get("TODI_CACHE"):
+        return Path(os.environ["TODI_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "todi"
+
+
+def _train_options(
+    profile: Profile, data: Path, out: Path, steps: int, lr: float, seed: int
+) -> dict[str, Any]:
+    return dict(
+        data=str(data),
+        out=str(out),
+        template=demo_tasks.PROMPT_TEMPLATE,
+        max_length=64,
+        max_prompt_length=48,
+        max_steps=steps,
+        batch_size=profile.batch_size,
+        lr=lr,
+        min_lr=lr / 10,
+        warmup_steps=steps // 20,
+        seed=seed,
+        log_every=10,
+        save_every=0,
+        report_to="none",
+        overwrite=True,
+    )
+
+
+def _teacher(config: Config, profile: Profile, tokenizer: Any, data: Path, work: Path) -> tuple[Path, float]:
+    """The cached teacher's final folder, training it first when the cache lacks it; and the seconds spent."""
+    from todi.training import SFTConfig, train
+
+    recipe = {"version": DEMO_VERSION, "profile": dataclasses.asdict(profile), "seed": config.seed}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    cached = _cache_root(config) / "demo" / f"teacher-{key}"
+    if (cached / "final" / "config.json").exists():
+        logger.info("teacher: using the cached one in %s", cached)
+        return cached / "final", 0.0
+    start = time.perf_counter()
+    init = _save_init(
+        work / "teacher-init", tokenizer, profile.teacher_layers, profile.teacher_hidden, config.seed
+    )
+    staging = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+    logger.info(
+        "teacher: training %d layers x %d from scratch", profile.teacher_layers, profile.teacher_hidden
+    )
+    options = _train_options(profile, data, staging, profile.teacher_steps, profile.teacher_lr, config.seed)
+    train(SFTConfig(model=str(init), **options))
+    shutil.copy(staging / "metrics.jsonl", work / "teacher-metrics.jsonl")
+    # The rename makes the cache entry appear whole or not at all.
+    staging.rename(cached)
+    return cached / "final", time.perf_counter() - start
+
+
+def _students(
+    config: Config, profile: Profile, tokenizer: Any, data: Path, teacher: Path, runs: Path
+) -> dict[str, Path]:
+    from todi.divergences import DIVERGENCES
+    from todi.training import DistillConfig, SFTConfig, train
+
+    init = _save_init(
+        runs / "student-init", tokenizer, profile.student_layers, profile.student_hidden, config.seed
+    )
+    objectives = ["sft", *(DIVERGENCES if config.all else ("fkl", "rkl", "todi"))]
+    finals = {}
+    for objective in objectives:
+        logger.info("student: %s", objective)
+        options = _train_options(
+            profile, data, runs / objective, profile.student_steps, profile.student_lr, config.seed
+        )
+        if objective == "sft":
+            finals[objective] = train(SFTConfig(model=str(init), **options))
+        else:
+            finals[objective] = train(
+                DistillConfig(teacher=str(teacher), student=str(init), loss=objective, **options)
+            )
+    return finals
+
+
+def _exact_match(prediction: str, references: tuple[str, ...]) -> float:
+    normalised = " ".join(prediction.split())
+    return 100.0 * any(normalised == " ".join(r.split()) for r in references)
+
+
+def _evaluate(
+    models: dict[str, Path], test: Path, profile: Profile, out: Path
+) -> dict[str, dict[str, float]]:
+    from todi.data import load_examples
+    from todi.evaluation import GenerationSettings, evaluate_model, load_model
+
+    examples = load_examples(test, max_examples=profile.test_examples)
+    settings = GenerationSettings(max_new_tokens=24, batch_size=64)
+    results = {}
+    for name, path in models.items():
+        model, tokenizer = load_model(str(path), dtype="float32")
+        rouge, exact = [], []
+        for seed in profile.eval_seeds:
+            score, predictions = evaluate_model(
+                model, tokenizer, examples, settings=settings, seed=seed, template=demo_tasks.PROMPT_TEMPLATE
+            )
+            rouge.append(score)
+            exact.append(
+                statistics.fmean(_exact_match(p, e.references) for p, e in zip(predictions, examples))
+            )
+            with (out / f"{name}.seed{seed}.jsonl").open("w", encoding="utf-8") as f:
+                for p, e in zip(predictions, examples):
+                    f.write(
+                        json.dumps(
+                            {"instruction": e.instruction, "prediction": p, "references": e.references[:5]}
+                        )
+                        + "\n"
+                    )
+        results[name] = {
+            "rougeL": statistics.fmean(rouge),
+            "rougeL_std": statistics.pstdev(rouge),
+            "exact": statistics.fmean(exact),
+            "exact_std": statistics.pstdev(exact),
+        }
+        logger.info(
+            "%s: ROUGE-L %.1f, exact match %.1f", name, results[name]["rougeL"], results[name]["exact"]
+        )
+    return results
+
+
+def run(config: Config) -> None:
+    from todi import demo_report
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    profile = PROFILES["quick" if config.quick else "default"]
+    out = Path(config.out)
+    if out.exists() and any(out.iterdir()) and not (out / "report.md").exists() and not config.overwrite:
+        raise UsageError(
+            f"{out} exists and is not a todi demo folder", "choose another --out or pass --overwrite"
+        )
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = demo_tasks.build_tokenizer()
+    data = out / "data"
+    paths = demo_tasks.write_splits(
+        data, train=profile.train_examples, dev=50, test=profile.test_examples, seed=config.seed
+    )
+    runs = out / "runs"
+    runs.mkdir(exist_ok=True)
+    teacher, teacher_seconds = _teacher(config, profile, tokenizer, data, runs)
+    students = _students(config, profile, tokenizer, data, teacher, runs)
+    evaluation = out / "eval"
+    evaluation.mkdir(exist_ok=True)
+    results = _evaluate({"teacher": teacher, **students}, paths["test"], profile, evaluation)
+    elapsed = time.perf_counter() - start
+    report = demo_report.write_report(
+        out, results=results, runs=runs, teacher=teacher, student=students.get("todi"), test=paths["test"],
+        profile=dataclasses.asdict(profile), elapsed=elapsed, teacher_seconds=teacher_seconds, quick=config.quick,
+    )  # fmt: skip
+    print(report.read_text(encoding="utf-8"))
+    print(f"total time {elapsed / 60:.1f} min; report in {out / 'report.md'}")
