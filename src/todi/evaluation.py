@@ -43,20 +43,13 @@ from todi.data import (
     load_examples,
     resolve_data_root,
 )
-from todi.errors import TodiError, UsageError
+from todi.errors import UsageError
+from todi.models import load_causal_lm, load_tokenizer, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 PAPER_SEEDS = "10,20,30,40,50"
 PAPER_DATASETS = "dolly,self-inst,vicuna"
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,40 +313,19 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on GPUs that support it (else float16), float32 on CPU where half precision is slow."""
-    if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype not in _DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}", f"use auto or one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
 def load_model(
     name_or_path: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
-    """A causal LM (eval mode, on ``device``) and its tokenizer (left padding, pad token set) for generation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A causal LM (eval mode, on ``device``) and its tokenizer (left padding, pad token set) for generation.
 
+    ``dtype="auto"``: bfloat16 on GPUs that support it (else float16), float32 on CPU."""
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise TodiError(
-            f"cannot load model {name_or_path}: {err}".splitlines()[0],
-            "give a folder written by save_pretrained (config, weights and tokenizer files) "
-            "or a Hugging Face Hub id reachable from this machine",
-        ) from err
+    half = torch.bfloat16 if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(
+        name_or_path, dtype=resolve_dtype(dtype, torch_device, auto=half), trust_remote_code=trust_remote_code
+    )
     model.to(torch_device).eval()
-    if tokenizer.eos_token_id is None and isinstance(model.generation_config.eos_token_id, int):
-        # Some saved tokenizers (e.g. a bare GPT-2 tokenizer.json) lack the EOS the model was trained with.
-        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(model.generation_config.eos_token_id)
     tokenizer.padding_side = "left"
     ensure_pad_token(tokenizer)
     return model, tokenizer
