@@ -1,0 +1,90 @@
+"""The demo's embedded data and its pipeline on a micro profile (the real profiles are timed by hand)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from todi import demo, demo_tasks
+from todi.cli import main
+from todi.data import load_examples
+
+
+def test_generator_is_deterministic_and_balanced():
+    rows = demo_tasks.generate(80, seed=3)
+    assert rows == demo_tasks.generate(80, seed=3)
+    assert rows != demo_tasks.generate(80, seed=4)
+    tasks = [row["task"] for row in rows]
+    assert {tasks.count(name) for name in demo_tasks.TASKS} == {10}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_answers_are_checkable(seed):
+    for row in demo_tasks.generate(400, seed):
+        words = row["instruction"].split()
+        assert row["output"] in row["references"]
+        if row["task"] == "arithmetic":
+            if words[0] == "add":
+                assert int(row["output"]) == int(words[1]) + int(words[3])
+            else:
+                assert int(row["output"]) == int(words[0]) - int(words[2])
+        elif row["task"] == "sort":
+            items = row["instruction"].split(" : ")[1].split()
+            assert row["output"].split() == sorted(items)
+        elif row["task"] == "reverse":
+            items = row["instruction"].split(" : ")[1].split()
+            assert row["output"].split() == items[::-1]
+        elif row["task"] == "spell":
+            assert row["output"].replace(" ", "") == words[1]
+        elif row["task"] == "name_one":
+            assert set(row["references"]) == set(demo_tasks.CATEGORIES[words[-1]])
+
+
+def test_tokenizer_covers_every_generated_word():
+    tokenizer = demo_tasks.build_tokenizer()
+    vocab = set(demo_tasks.vocabulary())
+    assert len(tokenizer) == len(vocab)
+    for row in demo_tasks.generate(600, seed=5):
+        text = demo_tasks.PROMPT_TEMPLATE.format(instruction=row["instruction"]) + " " + row["output"]
+        assert set(text.split()) <= vocab
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == text
+
+
+def test_splits_load_with_the_data_loader(tmp_path):
+    paths = demo_tasks.write_splits(tmp_path, train=40, dev=8, test=16, seed=0)
+    train, test = load_examples(paths["train"]), load_examples(paths["test"])
+    assert len(train) == 40 and len(test) == 16
+    assert all(len(example.references) == 1 for example in train)
+    # held-out examples keep every right answer, so ROUGE-L takes the best match
+    naming = [e for e in test if e.instruction.startswith("name ")]
+    assert naming and all(len(e.references) == 10 for e in naming)
+
+
+def test_demo_end_to_end_on_a_micro_profile(tmp_path, monkeypatch):
+    micro = demo.Profile(
+        train_examples=64, test_examples=8, eval_seeds=(10,), teacher_layers=1, teacher_hidden=32,
+        teacher_steps=4, student_layers=1, student_hidden=32, student_steps=3, batch_size=8,
+    )  # fmt: skip
+    monkeypatch.setitem(demo.PROFILES, "quick", micro)
+    monkeypatch.setenv("TODI_COMPILE", "0")
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache)]) == 0
+    for name in ("report.md", "loss.png", "rougeL.png", "todi_weights.png", "results.json"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"teacher", "sft", "fkl", "rkl", "todi"}
+    report = (out / "report.md").read_text()
+    assert "| todi |" in report and "trained in this run" in report
+    # the second run takes the cached teacher
+    assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache)]) == 0
+    assert "from the cache" in (out / "report.md").read_text()
+
+
+def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
+    (tmp_path / "something.txt").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "not a todi demo folder" in capsys.readouterr().err
+    assert (tmp_path / "something.txt").read_text() == "mine"
