@@ -273,7 +273,7 @@ def test_load_model_missing_folder_is_a_user_error(tmp_path) -> None:
     from todi.errors import TodiError
 
     # The tokenizer loads first (cheap), so it is the one that reports the missing folder, by name.
-    with pytest.raises(TodiError, match="cannot load the tokenizer of .*nothing-here"):
+    with pytest.raises(TodiError, match=r"cannot load the tokenizer of .*nothing-here"):
         load_model(str(tmp_path / "nothing-here"), device="cpu")
 
 

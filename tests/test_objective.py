@@ -20,14 +20,7 @@ from todi.losses.objective import LossOutput, distillation_loss
 IGNORE = -100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: with several intra-op threads on a busy 2-core machine every op pays an
-    OpenMP hand-off (~2-16 ms for a 3x7 log_softmax, vs ~2 us on one thread). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------
