@@ -255,7 +255,6 @@ def _evaluate(
 def run(config: Config) -> None:
     from todi import demo_report
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     profile = PROFILES["quick" if config.quick else "default"]
     out = Path(config.out)
     if out.exists() and any(out.iterdir()) and not (out / "report.md").exists() and not config.overwrite:

@@ -159,7 +159,7 @@ def write_report(out: Path, *, results: dict[str, dict[str, float]], runs: Path,
     text = f"""# todi demo report
 
 Profile: {"quick" if quick else "default"}. Embedded tasks (arithmetic, sorting, reversing, spelling,
-opposites, extremes, naming members of a category), word-level tokenizer of {profile.get("vocab", "a few hundred")} tokens.
+opposites, extremes, naming members of a category), word-level tokenizer of {len(demo_tasks.vocabulary())} tokens.
 Teacher: Llama {profile["teacher_layers"]} layers x {profile["teacher_hidden"]}, {profile["teacher_steps"]} SFT steps
 ({"trained in this run, " + f"{teacher_seconds:.0f} s" if teacher_seconds else "from the cache"}).
 Students: Llama {profile["student_layers"]} layers x {profile["student_hidden"]}, {profile["student_steps"]} steps each,
