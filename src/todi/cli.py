@@ -54,6 +54,16 @@ COMMANDS: dict[str, Command] = {
         config="DistillConfig",
         run="run_distill",
     ),
+    "cache-teacher": Command(
+        "todi.cache",
+        "run the teacher once and store its top-k next-token distributions for `todi distill --teacher-cache`",
+        "todi cache-teacher --teacher runs/teacher/final --data data/dolly --top-k 64 --out cache/teacher",
+    ),
+    "init-student": Command(
+        "todi.student_init",
+        "make a smaller student from a subset of a teacher's layers (same tokenizer)",
+        "todi init-student --from HuggingFaceTB/SmolLM2-135M-Instruct --layers 0,6,12,18,24,29 --out student",
+    ),
 }
 
 

@@ -78,6 +78,7 @@ from todi.checkpoint import (
 )
 from todi.divergences import DIVERGENCES, get_divergence
 from todi.errors import UsageError
+from todi.losses.sparse import SparseTeacher
 from todi.models import (
     add_lora,
     causal_lm,
@@ -297,7 +298,14 @@ class SFTConfig(TrainConfig):
 class DistillConfig(TrainConfig):
     """Distil a teacher into a student: (1 - kd_rate) CE + kd_rate divergence(teacher || student)."""
 
-    teacher: str = _opt("", "teacher (required): a local folder (e.g. runs/teacher/final) or a Hub id")
+    teacher: str = _opt(
+        "", "teacher (required unless --teacher-cache): a local folder (e.g. runs/teacher/final) or a Hub id"
+    )
+    teacher_cache: str | None = _opt(
+        None,
+        "distil from a teacher cache written by `todi cache-teacher` instead of running --teacher "
+        "(the dev loss is then the CE alone)",
+    )
     student: str = _opt("", "student to train (required): a local folder or a Hub id")
     teacher_lora: str | None = _opt(None, "PEFT adapter folder merged into the teacher when it loads")
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
@@ -330,7 +338,11 @@ class DistillConfig(TrainConfig):
         return options | self.divergence_params()
 
     def problems(self) -> list[str]:
-        out = [f"--{name} is required" for name in ("teacher", "student") if not getattr(self, name)]
+        out = [] if self.student else ["--student is required"]
+        if bool(self.teacher) == bool(self.teacher_cache):
+            out.append("give exactly one of --teacher and --teacher-cache")
+        if self.teacher_cache and self.teacher_lora:
+            out.append("--teacher-lora applies to --teacher; a cache already holds the teacher's outputs")
         if not 0.0 <= self.kd_rate <= 1.0:
             out.append(f"--kd-rate must be in [0, 1], got {self.kd_rate}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -433,13 +445,23 @@ class LossModule(nn.Module):
     def teacher(self) -> nn.Module | None:
         return self._teacher[0]
 
-    def forward(self, batch: dict[str, Tensor], num_items_in_batch: int | Tensor | None = None) -> Any:
+    def forward(
+        self,
+        batch: dict[str, Tensor],
+        num_items_in_batch: int | Tensor | None = None,
+        teacher_rows: SparseTeacher | None = None,
+        ce_only: bool = False,
+    ) -> Any:
+        """``teacher_rows``: the batch's rows of a teacher cache, used instead of the teacher model;
+        ``ce_only``: the cross-entropy alone (dev batches under a teacher cache, which holds no dev rows)."""
+        extra = {"kd_rate": 0.0} if ce_only else {}
         return self.loss_fn(
             causal_lm(self.student),
-            self.teacher,
+            None if ce_only else (teacher_rows if teacher_rows is not None else self.teacher),
             batch,
             num_items_in_batch=num_items_in_batch,
             fused=self.fused,
+            **extra,
         )
 
 
@@ -843,15 +865,18 @@ def _evaluate(
         mine = batches[rank::world]
         rounds = math.ceil(len(batches) / world)
         sums = [0.0, 0.0, 0.0]
+        ce_only = bool(getattr(config, "teacher_cache", None))
         for i in range(rounds):
             # Ranks with no batch left repeat one and discard it, to keep forwards in lockstep.
             idx = mine[i] if i < len(mine) else batches[0]
             batch = {k: v.to(accelerator.device) for k, v in collate([dev_set[j] for j in idx]).items()}
-            out = model(batch, num_items_in_batch=total)
+            out = model(batch, num_items_in_batch=total, ce_only=ce_only)
             if i < len(mine):
                 sums = [sums[0] + float(out.loss), sums[1] + float(out.ce), sums[2] + float(out.kd)]
         loss, ce, kd = _sum_over_ranks(accelerator, sums)
-        results.update(dev_loss=loss, dev_ce=ce, dev_kd=kd)
+        results.update(dev_loss=loss, dev_ce=ce)
+        if not ce_only:
+            results["dev_kd"] = kd
 
         if _is_sharded(accelerator):
             # Sampling runs each rank's own number of forwards, which sharded parameters cannot serve.
@@ -957,6 +982,11 @@ def train(config: TrainConfig) -> Path:
     run_dir = Path(config.out)
     _check_run_dir(run_dir, config, world)
     tokenizer = load_tokenizer(config.student_path, trust_remote_code=config.trust_remote_code)
+    cache = None
+    if getattr(config, "teacher_cache", None):
+        from todi.cache import TeacherCache
+
+        cache = TeacherCache(config.teacher_cache)
     if config.teacher_path:
         teacher_tokenizer = load_tokenizer(config.teacher_path, trust_remote_code=config.trust_remote_code)
         check_tokenizers(teacher_tokenizer, tokenizer)
@@ -965,6 +995,15 @@ def train(config: TrainConfig) -> Path:
     pristine_tokenizer = copy.deepcopy(tokenizer)
     pad_id = ensure_pad_token(tokenizer)
     train_set, dev_examples, dev_set = _load_data(config, tokenizer)
+    if cache is not None:
+        cache.check(
+            tokenizer=pristine_tokenizer,
+            encoded=train_set,
+            template=config.template,
+            max_length=config.max_length,
+            max_prompt_length=config.max_prompt_length,
+            data=config.data,
+        )
     lengths = [len(example["input_ids"]) for example in train_set]
     supervised = [_supervised(example) for example in train_set]
     micro_per_step = config.grad_accum * world
@@ -1010,6 +1049,14 @@ def train(config: TrainConfig) -> Path:
         vocab_size = shared_vocab_size(tokenizer, *heads)
         if config.kd_rate == 0:
             logger.warning("--kd-rate 0: the teacher is loaded but does not contribute to the loss")
+    if cache is not None:
+        vocab_size = shared_vocab_size(tokenizer, causal_lm(student).get_output_embeddings().weight.shape[0])
+        if vocab_size != cache.vocab_size:
+            raise UsageError(
+                f"the student's tokenizer has {vocab_size} tokens but teacher cache {config.teacher_cache} "
+                f"covers {cache.vocab_size}",
+                "use a student with the teacher's tokenizer",
+            )
     loss_fn = functools.partial(
         causal_lm_distillation_loss,
         **config.loss_options(),
@@ -1071,9 +1118,10 @@ def train(config: TrainConfig) -> Path:
                 num_items = sum(supervised[i] for micro in step_micro for i in micro)
                 for micro in step_micro[rank::world]:
                     batch = {k: v.to(device) for k, v in collate([train_set[i] for i in micro]).items()}
+                    rows = None if cache is None else cache.rows(micro).to(device)
                     # accumulate() skips the gradient all-reduce on all but the last micro-batch.
                     with accelerator.accumulate(model):
-                        out = model(batch, num_items_in_batch=num_items)
+                        out = model(batch, num_items_in_batch=num_items, teacher_rows=rows)
                         accelerator.backward(out.loss * loss_scale)
                     # Kept on the device: reading the values back each micro-batch would stall a GPU.
                     weighted = out.loss.new_zeros(2)

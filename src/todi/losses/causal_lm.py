@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from todi.losses.fused import fused_linear_distillation_loss
 from todi.losses.objective import LossOutput, distillation_loss
+from todi.losses.sparse import SparseTeacher, sparse_distillation_loss
 
 __all__ = ["causal_lm_distillation_loss", "output_head", "shift_labels"]
 
@@ -96,7 +97,7 @@ def shift_labels(labels: Tensor) -> Tensor:
 
 def causal_lm_distillation_loss(
     student: nn.Module,
-    teacher: nn.Module | None,
+    teacher: nn.Module | SparseTeacher | None,
     batch: dict[str, Tensor],
     *,
     divergence: str = "todi",
@@ -114,7 +115,9 @@ def causal_lm_distillation_loss(
 
     Args:
         student: a causal LM (HF ``*ForCausalLM``, possibly wrapped by DDP / PEFT); gradients flow.
-        teacher: the same for the teacher, run under ``no_grad``; None for plain SFT (``kd_rate=0``).
+        teacher: the same for the teacher, run under ``no_grad``; None for plain SFT (``kd_rate=0``);
+            or a :class:`todi.losses.SparseTeacher` (one row per supervised position of the batch, e.g.
+            from a teacher cache), whose vocabulary size then slices the student's head.
         batch: ``input_ids``, ``attention_mask``, optional ``position_ids``, and ``labels`` NOT shifted
             (Hugging Face convention: aligned with ``input_ids``, -100 on prompt and padding).
         fused: use :func:`todi.losses.fused_linear_distillation_loss` (the [N, V] logits are never
@@ -134,8 +137,12 @@ def causal_lm_distillation_loss(
         num_items_in_batch=num_items_in_batch,
         **params,
     )
+    if isinstance(teacher, SparseTeacher):
+        vocab_size = teacher.vocab_size
     if not fused:
         student_logits = student(**_model_inputs(batch)).logits[:, :-1, :vocab_size]
+        if isinstance(teacher, SparseTeacher):
+            return sparse_distillation_loss(student_logits, teacher, labels, **common)
         teacher_logits = None
         if teacher is not None:
             with torch.no_grad():
@@ -144,8 +151,10 @@ def causal_lm_distillation_loss(
 
     student_head = output_head(student)
     student_hidden = final_hidden_states(student, batch, student_head)[:, :-1]
-    teacher_hidden = teacher_weight = teacher_bias = None
-    if teacher is not None:
+    teacher_hidden = teacher_weight = teacher_bias = sparse = None
+    if isinstance(teacher, SparseTeacher):
+        sparse = teacher
+    elif teacher is not None:
         teacher_head = output_head(teacher)
         with torch.no_grad():
             teacher_hidden = final_hidden_states(teacher, batch, teacher_head)[:, :-1]
@@ -162,5 +171,6 @@ def causal_lm_distillation_loss(
         teacher_bias=teacher_bias,
         chunk_size=chunk_size,
         compile=compile,
+        sparse_teacher=sparse,
         **common,
     )

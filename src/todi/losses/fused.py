@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from todi.divergences import Divergence, check_vocab, get_divergence, masked_log_probs, todi_weight
 from todi.losses.objective import LossOutput, check_objective, normaliser
+from todi.losses.sparse import SparseTeacher, check_sparse_rows, sparse_divergence
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,24 @@ def auto_chunk_size(num_rows: int, vocab_size: int) -> int:
     rows_in_budget = max(_CHUNK_BYTES // (max(vocab_size, 1) * 4), 1)
     size = min(max(1 << (rows_in_budget.bit_length() - 1), 16), 4096)
     return min(size, 1 << (max(num_rows, 1) - 1).bit_length())
+
+
+def _ce_part(
+    z: Tensor, targets: Tensor, scale: Tensor, kd_rate: float, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """CE sum of a chunk and, with need_grad, d((1 - kd_rate) CE * scale)/dz."""
+    if kd_rate >= 1:
+        return z.new_zeros(()), None
+    lse = torch.logsumexp(z, dim=-1)
+    ce = (lse - z.gather(1, targets.unsqueeze(1)).squeeze(1)).sum()
+    grad = None
+    if need_grad:
+        # softmax - one_hot(targets), written as a where so that it fuses (and avoids an inductor
+        # miscompile seen with scatter_add_ on CPU).
+        softmax = torch.exp(z - lse.unsqueeze(1))
+        is_target = torch.arange(z.shape[1], device=z.device) == targets.unsqueeze(1)
+        grad = torch.where(is_target, softmax - 1.0, softmax) * ((1.0 - kd_rate) * scale)
+    return ce, grad
 
 
 @dataclass(frozen=True)
@@ -69,17 +88,8 @@ def _chunk_kernel(
     """
     kd_rate, temperature, entry = objective.kd_rate, objective.temperature, objective.entry
     params = dict(objective.params)
-    zero = z.new_zeros(())
-    ce, kd, weight, grad = zero, zero, zero, None
-    if kd_rate < 1:
-        lse = torch.logsumexp(z, dim=-1)
-        ce = (lse - z.gather(1, targets.unsqueeze(1)).squeeze(1)).sum()
-        if need_grad:
-            # softmax - one_hot(targets), written as a where so that it fuses (and avoids an inductor
-            # miscompile seen with scatter_add_ on CPU).
-            softmax = torch.exp(z - lse.unsqueeze(1))
-            is_target = torch.arange(z.shape[1], device=z.device) == targets.unsqueeze(1)
-            grad = torch.where(is_target, softmax - 1.0, softmax) * ((1.0 - kd_rate) * scale)
+    ce, grad = _ce_part(z, targets, scale, kd_rate, need_grad)
+    kd = weight = z.new_zeros(())
     if not objective.with_teacher:
         return ce, kd, weight, grad
 
@@ -110,6 +120,34 @@ def _chunk_kernel(
     return ce, kd.detach(), weight, grad
 
 
+def _sparse_chunk_kernel(
+    z: Tensor,
+    ids: Tensor,
+    bucket: Tensor,
+    targets: Tensor,
+    scale: Tensor,
+    objective: _Objective,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`_chunk_kernel` against a sparse teacher: ``ids`` ``[c, k]`` and its bucket log-probs."""
+    kd_rate, temperature, entry = objective.kd_rate, objective.temperature, objective.entry
+    params = dict(objective.params)
+    ce, grad = _ce_part(z, targets, scale, kd_rate, need_grad)
+
+    def kd_of(student: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        per_row, ls_, lt_ = sparse_divergence(entry, student, ids, bucket, temperature, params)
+        return per_row.sum(), (ls_.detach(), lt_.detach())
+
+    if need_grad:
+        grad_kd, (kd, (ls, lt)) = torch.func.grad_and_value(kd_of, has_aux=True)(z)
+        grad_kd = grad_kd * (kd_rate * scale)
+        grad = grad_kd if grad is None else grad + grad_kd
+    else:
+        kd, (ls, lt) = kd_of(z)
+    weight = todi_weight(ls, lt, params["beta"]).sum() if entry.name == "todi" else z.new_zeros(())
+    return ce, kd.detach(), weight, grad
+
+
 _COMPILED: dict[tuple, Any] = {}
 _COMPILE_FAILED: set[tuple] = set()
 
@@ -126,7 +164,7 @@ def _use_compile(compile: bool | None, full_chunks: int) -> bool:
 
 def _run_kernel(
     z: Tensor,
-    zt: Tensor | None,
+    teacher: Tensor | tuple[Tensor, Tensor] | None,
     targets: Tensor,
     scale: Tensor,
     objective: _Objective,
@@ -134,17 +172,22 @@ def _run_kernel(
     safe: bool,
     compiled: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    key = (objective, need_grad, safe, tuple(z.shape), z.device.type)
+    """One chunk; ``teacher`` is dense logits, (ids, bucket log-probs) of a sparse teacher, or None."""
+    if isinstance(teacher, tuple):
+        kernel, args = _sparse_chunk_kernel, (z, *teacher, targets, scale, objective, need_grad)
+    else:
+        kernel, args = _chunk_kernel, (z, teacher, targets, scale, objective, need_grad, safe)
+    key = (kernel.__name__, objective, need_grad, safe, tuple(z.shape), z.device.type)
     if compiled and key not in _COMPILE_FAILED:
-        kernel = _COMPILED.get(key)
-        if kernel is None:
-            kernel = _COMPILED[key] = torch.compile(_chunk_kernel, dynamic=False)
+        compiled_kernel = _COMPILED.get(key)
+        if compiled_kernel is None:
+            compiled_kernel = _COMPILED[key] = torch.compile(kernel, dynamic=False)
         try:
-            return kernel(z, zt, targets, scale, objective, need_grad, safe)
+            return compiled_kernel(*args)
         except Exception as err:  # a backend without a compiler must not stop training
             _COMPILE_FAILED.add(key)
             logger.warning("torch.compile of the fused loss failed (%s); running it eagerly", err)
-    return _chunk_kernel(z, zt, targets, scale, objective, need_grad, safe)
+    return kernel(*args)
 
 
 def _all_finite(*tensors: Tensor | None) -> bool:
@@ -163,6 +206,8 @@ class _FusedLinearDistillation(torch.autograd.Function):
         teacher_hidden: Tensor | None,
         teacher_weight: Tensor | None,
         teacher_bias: Tensor | None,
+        teacher_ids: Tensor | None,
+        teacher_bucket: Tensor | None,
         targets: Tensor,
         denom: Tensor,
         objective: _Objective,
@@ -193,12 +238,14 @@ class _FusedLinearDistillation(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             h = student_hidden[rows]
             student_logits = F.linear(h, student_weight, student_bias)
-            teacher_logits = None
+            teacher: Tensor | tuple[Tensor, Tensor] | None = None
             if teacher_hidden is not None:
-                teacher_logits = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+                teacher = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias).float()
+            elif teacher_ids is not None:
+                teacher = (teacher_ids[rows], teacher_bucket[rows])
             ce, kd, weight, grad = _run_kernel(
                 student_logits.float(),
-                None if teacher_logits is None else teacher_logits.float(),
+                teacher,
                 targets[rows],
                 scale,
                 objective,
@@ -230,7 +277,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         grads = [g if g is None else g * grad_loss.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, *[None] * 11)
 
 
 def fused_linear_distillation_loss(
@@ -249,6 +296,7 @@ def fused_linear_distillation_loss(
     num_items_in_batch: int | Tensor | None = None,
     chunk_size: int | None = None,
     compile: bool | None = None,
+    sparse_teacher: SparseTeacher | None = None,
     **params: float,
 ) -> LossOutput:
     """Same result as :func:`todi.losses.distillation_loss` on ``hidden @ weight.T (+ bias)`` logits,
@@ -266,6 +314,9 @@ def fused_linear_distillation_loss(
             (several times faster on CPU and GPU). None = automatic: on when at least 4 full chunks
             are processed (compiling costs seconds once per shape); env ``TODI_COMPILE=0/1`` overrides.
             Falls back to eager with a warning where compilation fails.
+        sparse_teacher: instead of ``teacher_hidden`` / ``teacher_weight``, the teacher's stored top-k
+            distributions, one row per supervised position (see :mod:`todi.losses.sparse`); the result
+            is :func:`todi.losses.sparse_distillation_loss` on the same logits.
         Other arguments as in :func:`todi.losses.distillation_loss`.
 
     Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``. Hidden states may be
@@ -279,10 +330,12 @@ def fused_linear_distillation_loss(
             f"student_hidden must be [N, H] with labels [N]; got {tuple(student_hidden.shape)} and "
             f"{tuple(labels.shape)} (flatten batch and sequence first, e.g. hidden.reshape(-1, H))"
         )
-    with_teacher = teacher_hidden is not None
+    if sparse_teacher is not None and teacher_hidden is not None:
+        raise ValueError("pass the teacher as teacher_hidden / teacher_weight or as sparse_teacher, not both")
+    with_teacher = teacher_hidden is not None or sparse_teacher is not None
     if not with_teacher and kd_rate > 0:
         raise ValueError("teacher_hidden is None but kd_rate > 0; pass the teacher or set kd_rate=0")
-    if with_teacher:
+    if teacher_hidden is not None:
         if teacher_weight is None:
             raise ValueError("teacher_hidden is given but teacher_weight is None")
         if teacher_hidden.shape[0] != student_hidden.shape[0]:
@@ -298,7 +351,12 @@ def fused_linear_distillation_loss(
     # Only supervised rows are projected at all; the others have zero loss and zero gradient.
     rows = keep.nonzero().squeeze(-1)
     selected_student = student_hidden.index_select(0, rows)
-    selected_teacher = teacher_hidden.detach().index_select(0, rows) if with_teacher else None
+    selected_teacher = None if teacher_hidden is None else teacher_hidden.detach().index_select(0, rows)
+    teacher_ids = teacher_bucket = None
+    if sparse_teacher is not None:
+        check_sparse_rows(sparse_teacher, rows.numel(), student_weight.shape[0])
+        teacher_ids = sparse_teacher.ids
+        teacher_bucket = sparse_teacher.bucket_log_probs(temperature)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
     chunk = chunk_size or auto_chunk_size(rows.numel(), student_weight.shape[0])
@@ -312,6 +370,8 @@ def fused_linear_distillation_loss(
         selected_teacher,
         None if teacher_weight is None else teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
+        teacher_ids,
+        teacher_bucket,
         labels.index_select(0, rows),
         denom,
         objective,

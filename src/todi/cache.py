@@ -1,0 +1,488 @@
+"""``todi cache-teacher``: run the teacher once, store its next-token distributions, distil many students.
+
+A big teacher is expensive to keep beside the student and is rerun identically for every objective
+compared. The cache stores, for every supervised position of the training data, the teacher's top-k
+token ids and log-probabilities at temperature 1, the log of the remaining (tail) mass, and the tail's
+power sums for the distillation temperatures named at build time (see :mod:`todi.losses.sparse` for how
+the divergences use them and what the approximation loses). Example::
+
+    todi cache-teacher --teacher runs/teacher/final --data data/dolly --top-k 64 --out cache/dolly-k64
+    todi distill --teacher-cache cache/dolly-k64 --student gpt2 --data data/dolly --loss todi --out runs/todi
+
+Layout of ``--out``::
+
+    manifest.json              format version, teacher name and config hash, tokenizer hash, data file
+                               hash, template, max lengths, k, temperatures, the shard plan; written
+                               first, completed last ("complete": true)
+    shard-00000.safetensors    examples [0, shard_size): digests [n] (one hash per encoded example),
+                               offsets [n + 1] (rows of each example), ids [rows, k], logprobs [rows, k],
+                               tail [rows], tail_T<t> [rows] per stored temperature t
+
+A shard is written under a temporary name and renamed when complete, so an interrupted build resumes
+(rerun the same command) without ever reading a partial shard. Token ids are stored in 16 bits when the
+vocabulary allows (offset by 32768), log-probabilities in float16: 4 k + 4 + 4 t bytes per position.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from todi.data import DataError
+from todi.errors import TodiError, UsageError
+from todi.losses.sparse import SparseTeacher
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Config",
+    "TeacherCache",
+    "build_cache",
+    "example_digest",
+    "run",
+    "tokenizer_hash",
+]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_ID_OFFSET = 32768  # ids < 65,536 fit int16 after this shift
+_LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def _opt(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class Config:
+    """Run a teacher over training data once and store its top-k next-token distributions."""
+
+    teacher: str = _opt("", "teacher (required): a local folder, a .gguf file or a Hugging Face Hub id")
+    data: str = _opt("", "training data (required), as for `todi distill --data`")
+    out: str = _opt("", "cache folder (required); rerunning the same command resumes an interrupted build")
+    top_k: int = _opt(64, "tokens kept per position (the rest form one tail bucket)")
+    temperatures: str = _opt(
+        "2.0", "comma-separated distillation temperatures whose tail statistics are stored (exact at these)"
+    )
+    batch_size: int = _opt(8, "examples per teacher forward pass")
+    shard_size: int = _opt(1024, "examples per shard file (the unit of resumption)")
+    template: str = _opt("alpaca", "prompt template; must match the later `todi distill --template`")
+    max_length: int = _opt(512, "tokens per example; must match the later `todi distill --max-length`")
+    max_prompt_length: int = _opt(256, "prompt tokens kept; must match `todi distill --max-prompt-length`")
+    max_examples: int | None = _opt(None, "cache only the first N training examples")
+    teacher_lora: str | None = _opt(None, "PEFT adapter folder merged into the teacher when it loads")
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+        "auto", "teacher dtype; auto = bfloat16 on GPUs, float32 on CPU"
+    )
+    logprob_dtype: Literal["float16", "float32"] = _opt(
+        "float16", "storage of the log-probabilities (float32 doubles their size; exact)"
+    )
+    overwrite: bool = _opt(False, "delete a cache in --out that was built with other settings")
+    trust_remote_code: bool = _opt(False, "allow models whose code comes with their checkpoint")
+
+    def temperature_list(self) -> list[float]:
+        try:
+            values = sorted({float(t) for t in self.temperatures.split(",") if t.strip()})
+        except ValueError:
+            raise UsageError(
+                f"--temperatures must be comma-separated numbers, got {self.temperatures!r}"
+            ) from None
+        if any(not (math.isfinite(t) and t > 0) for t in values):
+            raise UsageError(f"--temperatures must be > 0, got {self.temperatures!r}")
+        return [t for t in values if t != 1.0]  # temperature 1 is the stored tail itself
+
+    def check(self) -> None:
+        problems = [f"--{name} is required" for name in ("teacher", "data", "out") if not getattr(self, name)]
+        for name in ("top_k", "batch_size", "shard_size", "max_length", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_examples is not None and self.max_examples < 1:
+            problems.append(f"--max-examples must be at least 1, got {self.max_examples}")
+        if problems:
+            raise UsageError("; ".join(problems), "run 'todi cache-teacher --help' for the options")
+        self.temperature_list()
+
+
+def run(config: Config) -> None:
+    """``todi cache-teacher``."""
+    build_cache(config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hashes that tie a cache to the data, tokenizer and teacher it was built from
+# --------------------------------------------------------------------------------------------------
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """SHA-256 of the vocabulary (token -> id, added tokens included): what makes stored ids meaningful."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def example_digest(example: dict[str, list[int]]) -> int:
+    """A signed 64-bit hash of one encoded example (ids and labels): the cache's per-example key."""
+    raw = json.dumps([example["input_ids"], example["labels"]]).encode()
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little", signed=True)
+
+
+def _config_hash(model: Any) -> str:
+    config = model.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        config.pop(key, None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _data_file(data: str) -> Path | None:
+    path = Path(data)
+    if path.is_file():
+        return path
+    if (path / "train.jsonl").is_file():
+        return path / "train.jsonl"
+    return None
+
+
+def _file_hash(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _supervised(example: dict[str, list[int]]) -> int:
+    return sum(1 for label in example["labels"][1:] if label != -100)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------------
+
+
+def build_cache(config: Config) -> Path:
+    """Build (or finish building) the cache in ``config.out``; returns the folder."""
+    from todi.data import DataCollator, encode_examples, ensure_pad_token, load_examples, shared_vocab_size
+    from todi.losses.causal_lm import final_hidden_states, output_head, shift_labels
+    from todi.losses.fused import auto_chunk_size
+    from todi.models import freeze, load_causal_lm, load_tokenizer, resolve_dtype
+
+    config.check()
+    temperatures = config.temperature_list()
+    out = Path(config.out)
+    tokenizer = load_tokenizer(config.teacher, trust_remote_code=config.trust_remote_code)
+    vocab_hash = tokenizer_hash(tokenizer)
+    pad_id = ensure_pad_token(tokenizer)
+    examples = load_examples(config.data, "train", max_examples=config.max_examples)
+    encoded, _ = encode_examples(
+        examples,
+        tokenizer,
+        template=config.template,
+        max_prompt_length=config.max_prompt_length,
+        max_length=config.max_length,
+    )
+    digests = [example_digest(e) for e in encoded]
+    rows = [_supervised(e) for e in encoded]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_causal_lm(
+        config.teacher,
+        dtype=resolve_dtype(config.teacher_dtype, device, auto=torch.bfloat16),
+        trust_remote_code=config.trust_remote_code,
+        adapter=config.teacher_lora,
+    )
+    teacher = freeze(teacher).to(device)
+    head = output_head(teacher)
+    vocab = shared_vocab_size(tokenizer, head.weight.shape[0])
+    if config.top_k > vocab:
+        raise UsageError(f"--top-k {config.top_k} exceeds the vocabulary ({vocab} tokens)")
+
+    shards = [
+        {"file": f"shard-{i:05d}.safetensors", "first": a, "end": min(a + config.shard_size, len(encoded))}
+        for i, a in enumerate(range(0, len(encoded), config.shard_size))
+    ]
+    for shard in shards:
+        shard["rows"] = sum(rows[shard["first"] : shard["end"]])
+    data_file = _data_file(config.data)
+    spec = {
+        "format_version": FORMAT_VERSION,
+        "teacher": config.teacher,
+        "teacher_lora": config.teacher_lora,
+        "teacher_config_hash": _config_hash(teacher),
+        "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch."),
+        "tokenizer_hash": vocab_hash,
+        "data": config.data,
+        "data_file_sha256": _file_hash(data_file),
+        "examples": len(encoded),
+        "examples_sha256": hashlib.sha256(json.dumps(digests).encode()).hexdigest(),
+        "supervised_positions": sum(rows),
+        "template": config.template,
+        "max_length": config.max_length,
+        "max_prompt_length": config.max_prompt_length,
+        "top_k": config.top_k,
+        "vocab_size": vocab,
+        "temperatures": temperatures,
+        "id_encoding": f"int16+{_ID_OFFSET}" if vocab <= 2 * _ID_OFFSET else "int32",
+        "logprob_dtype": config.logprob_dtype,
+        "shards": shards,
+    }
+    _prepare_out(out, spec, config.overwrite)
+
+    collate = DataCollator(pad_id)
+    done = sum(1 for s in shards if (out / s["file"]).is_file())
+    if done:
+        logger.info("resuming the cache in %s: %d of %d shards already written", out, done, len(shards))
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    progress = tqdm(total=sum(rows), desc="teacher cache", unit="tok", dynamic_ncols=True)
+    for shard in shards:
+        if (out / shard["file"]).is_file():
+            progress.update(shard["rows"])
+            continue
+        index = range(shard["first"], shard["end"])
+        parts: dict[int, SparseTeacher] = {}
+        # Longest first, batches of similar length: less padding; rows go back to example order below.
+        order = sorted(index, key=lambda i: -len(encoded[i]["input_ids"]))
+        for start in range(0, len(order), config.batch_size):
+            batch_ids = order[start : start + config.batch_size]
+            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in batch_ids]).items()}
+            with torch.no_grad():
+                hidden = final_hidden_states(teacher, batch, head)[:, :-1]
+                labels = shift_labels(batch["labels"])
+                kept = hidden[labels != -100]
+                pieces = []
+                step = auto_chunk_size(kept.shape[0], vocab)
+                for c in range(0, kept.shape[0], step):
+                    logits = F.linear(kept[c : c + step], head.weight[:vocab], _bias(head, vocab))
+                    pieces.append(
+                        SparseTeacher.from_logits(logits, config.top_k, tuple(temperatures)).to("cpu")
+                    )
+            teacher_rows = _concat(pieces)
+            offset = 0
+            for i in batch_ids:
+                parts[i] = _slice(teacher_rows, offset, offset + rows[i])
+                offset += rows[i]
+            progress.update(offset)
+        _write_shard(
+            out / shard["file"], [parts[i] for i in index], digests[shard["first"] : shard["end"]], spec
+        )
+    progress.close()
+    manifest = {**spec, "complete": True, "bytes": sum((out / s["file"]).stat().st_size for s in shards)}
+    manifest["bytes_per_position"] = manifest["bytes"] / max(1, spec["supervised_positions"])
+    _write_json(out / MANIFEST, manifest)
+    logger.info(
+        "teacher cache %s: %d examples, %d positions, %.1f MiB (%.0f bytes per position), %.0f s",
+        out,
+        len(encoded),
+        spec["supervised_positions"],
+        manifest["bytes"] / 2**20,
+        manifest["bytes_per_position"],
+        time.perf_counter() - started,
+    )
+    return out
+
+
+def _bias(head: Any, vocab: int) -> torch.Tensor | None:
+    bias = getattr(head, "bias", None)
+    return None if bias is None else bias[:vocab]
+
+
+def _prepare_out(out: Path, spec: dict[str, Any], overwrite: bool) -> None:
+    """Start a new cache, or continue one built with exactly these settings; refuse anything else."""
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        changed = [k for k in spec if old.get(k) != spec[k]]
+        if not changed:
+            return
+        if not overwrite:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {spec[k]!r}" for k in changed if k != "shards")
+            raise UsageError(
+                f"{out} holds a teacher cache built with other settings ({shown or 'shard plan'})",
+                "use another --out, the original settings, or --overwrite to rebuild it",
+            )
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(
+                f"{out} exists and is not a teacher cache (no {MANIFEST})",
+                "use an empty or new --out folder, or --overwrite to delete it",
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".tmp-*"):
+        stale.unlink()
+    _write_json(manifest_path, {**spec, "complete": False})
+
+
+def _concat(parts: list[SparseTeacher]) -> SparseTeacher:
+    first = parts[0]
+    return SparseTeacher(
+        torch.cat([p.ids for p in parts]),
+        torch.cat([p.logprobs for p in parts]),
+        torch.cat([p.tail for p in parts]),
+        first.vocab_size,
+        {t: torch.cat([p.tempered_tails[t] for p in parts]) for t in first.tempered_tails},
+    )
+
+
+def _slice(rows: SparseTeacher, start: int, end: int) -> SparseTeacher:
+    return SparseTeacher(
+        rows.ids[start:end],
+        rows.logprobs[start:end],
+        rows.tail[start:end],
+        rows.vocab_size,
+        {t: v[start:end] for t, v in rows.tempered_tails.items()},
+    )
+
+
+def _tail_key(temperature: float) -> str:
+    return f"tail_T{temperature:g}"
+
+
+def _write_shard(path: Path, parts: list[SparseTeacher], digests: list[int], spec: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    merged = _concat(parts)
+    ids = merged.ids - _ID_OFFSET if spec["id_encoding"].startswith("int16") else merged.ids
+    tensors = {
+        "digests": torch.tensor(digests, dtype=torch.int64),
+        "offsets": torch.tensor(
+            [0, *torch.tensor([len(p) for p in parts]).cumsum(0).tolist()], dtype=torch.int64
+        ),
+        "ids": ids.to(torch.int16 if spec["id_encoding"].startswith("int16") else torch.int32),
+        "logprobs": merged.logprobs.to(_LOGPROB_DTYPES[spec["logprob_dtype"]]),
+        "tail": merged.tail.float(),
+    }
+    for t in spec["temperatures"]:
+        tensors[_tail_key(t)] = merged.tempered_tails[float(t)].float()
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format_version": "1"})
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+class TeacherCache:
+    """A built teacher cache, read lazily (memory-mapped shards): ``rows(example_indices)`` gives the
+    :class:`SparseTeacher` rows of those examples, in order, for one batch."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise TodiError(
+                f"{self.path} is not a teacher cache (no {MANIFEST})",
+                "build one with `todi cache-teacher --teacher T --data D --out CACHE`",
+            )
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise TodiError(
+                f"teacher cache {self.path} has format version {version}; this todi reads version {FORMAT_VERSION}",
+                "rebuild the cache with this version of `todi cache-teacher`",
+            )
+        if not self.manifest.get("complete"):
+            raise TodiError(
+                f"teacher cache {self.path} is incomplete (its build was interrupted)",
+                "rerun the same `todi cache-teacher` command to finish it",
+            )
+        self.vocab_size: int = self.manifest["vocab_size"]
+        self.temperatures: list[float] = [float(t) for t in self.manifest["temperatures"]]
+        self._int16 = self.manifest["id_encoding"].startswith("int16")
+        self._starts = [s["first"] for s in self.manifest["shards"]]
+        self._files = [safe_open(str(self.path / s["file"]), framework="pt") for s in self.manifest["shards"]]
+        self._offsets = [f.get_tensor("offsets") for f in self._files]
+
+    def __len__(self) -> int:
+        return self.manifest["examples"]
+
+    def digests(self) -> list[int]:
+        return [d for f in self._files for d in f.get_tensor("digests").tolist()]
+
+    def check(
+        self,
+        *,
+        tokenizer: Any,
+        encoded: list[dict[str, list[int]]],
+        template: str,
+        max_length: int,
+        max_prompt_length: int,
+        data: str,
+    ) -> None:
+        """Refuse a run whose data, tokenizer, template or lengths differ from the cache's."""
+        m = self.manifest
+        if tokenizer_hash(tokenizer) != m["tokenizer_hash"]:
+            raise DataError(
+                f"the student's tokenizer differs from the one teacher cache {self.path} was built with "
+                f"(teacher {m['teacher']})",
+                "token-level distillation needs the teacher's tokenizer: use a student of the same family",
+            )
+        settings = {"template": template, "max_length": max_length, "max_prompt_length": max_prompt_length}
+        wrong = [k for k, v in settings.items() if m[k] != v]
+        if wrong:
+            raise UsageError(
+                "teacher cache "
+                f"{self.path} was built with "
+                + ", ".join(f"--{k.replace('_', '-')} {m[k]} (this run: {settings[k]})" for k in wrong),
+                "rerun with "
+                + " ".join(f"--{k.replace('_', '-')} {m[k]}" for k in wrong)
+                + " or rebuild the cache with this run's settings",
+            )
+        if len(encoded) > len(self):
+            raise DataError(
+                f"--data has {len(encoded)} examples but teacher cache {self.path} holds {len(self)}",
+                f"use --max-examples {len(self)} or rebuild the cache from this data",
+            )
+        stored = self.digests()
+        for i, example in enumerate(encoded):
+            if example_digest(example) != stored[i]:
+                raise DataError(
+                    f"example {i} of --data {data} differs from the one teacher cache {self.path} holds "
+                    f"(the cache was built from {m['data']}, sha256 {str(m['data_file_sha256'])[:12]})",
+                    "distil from the data the cache was built from, or rebuild the cache with this --data",
+                )
+
+    def rows(self, example_indices: list[int]) -> SparseTeacher:
+        """The teacher rows of these examples (their supervised positions, in order), on the CPU."""
+        parts = []
+        for i in example_indices:
+            s = bisect.bisect_right(self._starts, i) - 1
+            local = i - self._starts[s]
+            a, b = int(self._offsets[s][local]), int(self._offsets[s][local + 1])
+            f = self._files[s]
+            ids = f.get_slice("ids")[a:b].to(torch.int64)
+            parts.append(
+                SparseTeacher(
+                    ids + _ID_OFFSET if self._int16 else ids,
+                    f.get_slice("logprobs")[a:b].float(),
+                    f.get_slice("tail")[a:b],
+                    self.vocab_size,
+                    {t: f.get_slice(_tail_key(t))[a:b] for t in self.temperatures},
+                )
+            )
+        return _concat(parts)

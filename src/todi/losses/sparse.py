@@ -1,0 +1,221 @@
+"""Distillation from a sparse teacher: its top-k tokens plus one tail bucket, as a teacher cache stores it.
+
+A stored teacher distribution (at temperature 1) is, per position, the log-probabilities of its k most
+likely tokens and the log of the mass left over (the *tail*). Every divergence is then evaluated on
+k + 1 outcomes: the k stored tokens, and one bucket holding everything else, for both models. The
+student's bucket mass is ``1 - sum of its probabilities on the k ids`` (computed as a log-sum-exp over
+the other logits, so it stays exact when that mass is tiny). For ToDi the weight ``a`` of the bucket
+comes from the two bucket masses.
+
+Temperature. The k stored log-probabilities are exact at any temperature T after renormalisation. The
+bucket's mass at T is ``sum over tail tokens of p_v ** (1 / T)`` (normalised), which the tail's total
+mass alone does not determine, so a cache stores that power sum for the temperatures named when it was
+built (``todi cache-teacher --temperatures``; the paper's 2.0 by default). At any other T the tail is
+taken as spread evenly over its ``V - k`` tokens, which overestimates the bucket for T > 1 (the even
+spread maximises the power sum); a warning says so.
+
+What the approximation loses: differences *inside* the tail. With k = V there is no bucket and the
+result equals the online loss exactly (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from todi.divergences import Divergence, get_divergence, masked_log_probs, todi_weight
+from todi.losses.objective import LossOutput, check_objective, normaliser
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SparseTeacher", "sparse_distillation_loss", "sparse_divergence", "student_bucket_log_probs"]
+
+_warned_temperatures: set[float] = set()
+
+
+@dataclass
+class SparseTeacher:
+    """Teacher next-token distributions for N positions: top-k ids and log-probs (temperature 1) + tail.
+
+    Rows are the supervised positions of a batch in order (example by example, left to right), exactly
+    the rows the loss keeps from the flattened, shifted labels.
+    """
+
+    ids: Tensor  # [N, k] int64 token ids
+    logprobs: Tensor  # [N, k] float32 log p_v at temperature 1
+    tail: Tensor  # [N] float32 log(1 - sum_k p_v); -inf when nothing is left
+    vocab_size: int
+    tempered_tails: dict[float, Tensor] = field(default_factory=dict)  # T -> [N] log sum_tail p_v^(1/T)
+
+    def __post_init__(self) -> None:
+        if (
+            self.ids.dim() != 2
+            or self.logprobs.shape != self.ids.shape
+            or self.tail.shape != self.ids.shape[:1]
+        ):
+            raise ValueError(
+                f"sparse teacher needs ids [N, k], logprobs [N, k] and tail [N]; got {tuple(self.ids.shape)}, "
+                f"{tuple(self.logprobs.shape)} and {tuple(self.tail.shape)}"
+            )
+        if self.k > self.vocab_size:
+            raise ValueError(f"k = {self.k} stored tokens exceed the vocabulary of {self.vocab_size}")
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, k: int, temperatures: tuple[float, ...] = (2.0,)) -> SparseTeacher:
+        """Keep the top ``k`` of each row of ``[N, V]`` teacher logits (temperature 1) and the tail
+        statistics for ``temperatures``. Ties at the k-th place are broken by ``torch.topk``."""
+        logits = logits.float()
+        vocab = logits.shape[-1]
+        if not 1 <= k <= vocab:
+            raise ValueError(f"k must be in [1, {vocab}], got {k}")
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        values, ids = logits.topk(k, dim=-1)
+        # The tail from the logits left out, not log(1 - sum p): exact even when the tail mass is tiny.
+        rest = logits.scatter(-1, ids, -math.inf) - lse
+        tail = torch.logsumexp(rest, dim=-1)
+        tempered = {float(t): torch.logsumexp(rest / t, dim=-1) for t in temperatures if t != 1.0}
+        return cls(ids, values - lse, tail, vocab, tempered)
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[1]
+
+    @property
+    def has_tail(self) -> bool:
+        return self.k < self.vocab_size
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def to(self, device: torch.device | str) -> SparseTeacher:
+        return SparseTeacher(
+            self.ids.to(device),
+            self.logprobs.to(device),
+            self.tail.to(device),
+            self.vocab_size,
+            {t: v.to(device) for t, v in self.tempered_tails.items()},
+        )
+
+    def tail_at(self, temperature: float) -> Tensor:
+        """``log sum_{v in tail} p_v ** (1 / T)`` per row (unnormalised bucket weight at temperature T)."""
+        if temperature == 1.0:
+            return self.tail
+        for stored, value in self.tempered_tails.items():
+            if math.isclose(stored, temperature, rel_tol=1e-6):
+                return value
+        if temperature not in _warned_temperatures:
+            _warned_temperatures.add(temperature)
+            logger.warning(
+                "the teacher cache holds no tail statistics for temperature %g (it has %s); the tail bucket "
+                "assumes its mass is spread evenly over the %d tokens outside the top %d",
+                temperature,
+                ", ".join(f"{t:g}" for t in sorted(self.tempered_tails)) or "none",
+                self.vocab_size - self.k,
+                self.k,
+            )
+        spread = math.log(self.vocab_size - self.k)
+        return self.tail / temperature + (1.0 - 1.0 / temperature) * spread
+
+    def bucket_log_probs(self, temperature: float) -> Tensor:
+        """``[N, k (+1)]`` normalised teacher log-probs at ``temperature`` over the k ids (and the bucket)."""
+        dtype = torch.float64 if self.logprobs.dtype == torch.float64 else torch.float32
+        columns = self.logprobs.to(dtype) / temperature
+        if self.has_tail:
+            columns = torch.cat([columns, self.tail_at(temperature).to(dtype).unsqueeze(1)], dim=1)
+        return F.log_softmax(columns, dim=-1)
+
+
+def student_bucket_log_probs(scaled_logits: Tensor, ids: Tensor, with_tail: bool) -> Tensor:
+    """``[N, k (+1)]`` student log-probs of the teacher's k ids and (with_tail) of everything else."""
+    lse = torch.logsumexp(scaled_logits, dim=-1, keepdim=True)
+    top = scaled_logits.gather(-1, ids) - lse
+    if not with_tail:
+        return top
+    rest = scaled_logits.scatter(-1, ids, -math.inf)
+    return torch.cat([top, torch.logsumexp(rest, dim=-1, keepdim=True) - lse], dim=-1)
+
+
+def sparse_divergence(
+    entry: Divergence,
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_bucket: Tensor,
+    temperature: float,
+    params: dict[str, float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(divergence per row, student bucket log-probs, teacher bucket log-probs) on the k + 1 outcomes.
+
+    ``teacher_bucket`` comes from :meth:`SparseTeacher.bucket_log_probs`; a width of k + 1 means a tail
+    bucket. Non-finite entries (an empty or underflowed tail) leave both distributions, as in the dense
+    divergences.
+    """
+    with_tail = teacher_bucket.shape[-1] > ids.shape[-1]
+    if student_logits.dtype != torch.float64:
+        student_logits = student_logits.float()
+    student = student_bucket_log_probs(student_logits / temperature, ids, with_tail)
+    ls, lt = masked_log_probs(student, teacher_bucket.to(student.dtype))
+    return entry.fn(ls, lt, **params), ls, lt
+
+
+def sparse_distillation_loss(
+    student_logits: Tensor,
+    teacher: SparseTeacher | None,
+    labels: Tensor,
+    *,
+    divergence: str = "todi",
+    kd_rate: float = 0.5,
+    temperature: float = 2.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | Tensor | None = None,
+    **params: float,
+) -> LossOutput:
+    """:func:`todi.losses.distillation_loss` with a sparse teacher: ``teacher`` holds one row per
+    supervised position of ``labels`` (in flattened order); the student's logits are full ``[..., V]``."""
+    check_objective(kd_rate, temperature)
+    entry = get_divergence(divergence)
+    resolved = entry.resolve(params)
+    if teacher is None and kd_rate > 0:
+        raise ValueError("teacher is None but kd_rate > 0; pass the sparse teacher or set kd_rate=0")
+    vocab = student_logits.shape[-1]
+    keep = (labels != ignore_index).reshape(-1)
+    num_tokens = keep.sum()
+    denom = normaliser(num_tokens, num_items_in_batch)
+    student = student_logits.reshape(-1, vocab)[keep]
+    student = student.double() if student.dtype == torch.float64 else student.float()
+    targets = labels.reshape(-1)[keep]
+    zero = student.new_zeros(())
+    ce_sum = F.cross_entropy(student, targets, reduction="sum") if kd_rate < 1 else zero
+    kd_sum, weight = zero, None
+    if teacher is not None:
+        check_sparse_rows(teacher, int(num_tokens), vocab)
+        bucket = teacher.bucket_log_probs(temperature)
+        per_row, ls, lt = sparse_divergence(entry, student, teacher.ids, bucket, temperature, resolved)
+        kd_sum = per_row.sum()
+        if entry.name == "todi":
+            weight = todi_weight(ls, lt, resolved["beta"]).sum() / num_tokens.clamp_min(1)
+    loss = ((1.0 - kd_rate) * ce_sum + kd_rate * kd_sum) / denom
+    return LossOutput(
+        loss=loss,
+        ce=(ce_sum / denom).detach(),
+        kd=(kd_sum / denom).detach(),
+        num_tokens=int(num_tokens),
+        todi_weight=weight,
+    )
+
+
+def check_sparse_rows(teacher: SparseTeacher, rows: int, vocab: int) -> None:
+    """The sparse teacher must hold exactly one row per supervised position, over the same vocabulary."""
+    if len(teacher) != rows:
+        raise ValueError(
+            f"the sparse teacher holds {len(teacher)} rows but the batch has {rows} supervised positions; "
+            "the cache must be built from the same data, tokenizer, template and max lengths"
+        )
+    if teacher.vocab_size != vocab:
+        raise ValueError(
+            f"the sparse teacher covers a vocabulary of {teacher.vocab_size} but the student has {vocab} logits"
+        )

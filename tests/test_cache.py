@@ -1,0 +1,376 @@
+"""The teacher cache: sparse-teacher losses against float64 references, the cache files, and
+`todi distill --teacher-cache` against online distillation (tiny random models, GPT-2 tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from todi import cli
+from todi.divergences import DIVERGENCES
+from todi.losses import (
+    SparseTeacher,
+    distillation_loss,
+    fused_linear_distillation_loss,
+    sparse_distillation_loss,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TODI_DATA", REPO.parent / "shared" / "data"))
+GPT2_DIR = DATA.parent / "tokenizers" / "gpt2"
+TEXT = "the a cat dog runs fast slow blue red green tree house river sky sun moon star light dark big"
+WORDS = TEXT.split()
+TINY = ["--batch-size", "4", "--max-length", "64", "--max-prompt-length", "32", "--report-to", "none"]
+
+
+@pytest.fixture(autouse=True)
+def _no_compile(monkeypatch):
+    monkeypatch.setenv("TODI_COMPILE", "0")
+
+
+def _problem(n: int = 23, v: int = 37, h: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64)
+    teacher = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[[0, 4, 9]] = -100
+    return hidden, weight, teacher, labels
+
+
+def _bucketed(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float64 reference: the tempered distribution over the k ids plus one bucket for the rest."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    top = p.gather(-1, ids)
+    return torch.cat([top, (1 - top.sum(-1, keepdim=True)).clamp_min(0)], dim=-1)
+
+
+# ---- the sparse teacher ---------------------------------------------------------------------------
+
+
+def test_from_logits_matches_float64_top_k_and_tail():
+    _, _, teacher, _ = _problem()
+    sparse = SparseTeacher.from_logits(teacher.float(), 5, (2.0, 3.0))
+    p = torch.softmax(teacher, -1)
+    top, ids = p.topk(5, dim=-1)
+    assert torch.equal(sparse.ids, ids)
+    torch.testing.assert_close(sparse.logprobs.double(), top.log(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sparse.tail.double(), (1 - top.sum(-1)).log(), atol=1e-5, rtol=0)
+    rest = p.scatter(-1, ids, 0.0)
+    for t in (2.0, 3.0):
+        torch.testing.assert_close(
+            sparse.tempered_tails[t].double(), rest.pow(1 / t).sum(-1).log(), atol=1e-5, rtol=0
+        )
+    # at temperature T the bucket distribution is the exactly tempered teacher, merged outside the k ids
+    torch.testing.assert_close(
+        sparse.bucket_log_probs(2.0).double().exp(), _bucketed(teacher, ids, 2.0), atol=1e-6, rtol=0
+    )
+
+
+def test_untabled_temperature_spreads_the_tail_evenly(caplog):
+    _, _, teacher, _ = _problem(v=50)
+    sparse = SparseTeacher.from_logits(teacher.float(), 10, ())
+    with caplog.at_level("WARNING"):
+        bucket = sparse.bucket_log_probs(4.0).double().exp()
+    assert "no tail statistics for temperature 4" in caplog.text
+    p = torch.softmax(teacher, -1)
+    top = p.gather(-1, sparse.ids)
+    tail = 1 - top.sum(-1, keepdim=True)
+    even = torch.cat([top.pow(0.25), 40 * (tail / 40).pow(0.25)], -1)
+    torch.testing.assert_close(bucket, even / even.sum(-1, keepdim=True), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_k_equal_vocab_is_the_online_loss_value_and_gradient(name):
+    hidden, weight, teacher, labels = _problem()
+    keep = labels != -100
+    logits = (hidden @ weight.T).float().requires_grad_()
+    online = distillation_loss(logits, teacher.float(), labels, divergence=name)
+    online.loss.backward()
+    expected = logits.grad.clone()
+    logits.grad = None
+    sparse = SparseTeacher.from_logits(teacher[keep].float(), teacher.shape[1])
+    cached = sparse_distillation_loss(logits, sparse, labels, divergence=name)
+    cached.loss.backward()
+    torch.testing.assert_close(cached.loss, online.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits.grad, expected, atol=1e-6, rtol=1e-4)
+    if name == "todi":
+        torch.testing.assert_close(cached.todi_weight, online.todi_weight, atol=1e-5, rtol=0)
+
+
+def _reference(name: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Independent float64 formulas on bucket distributions (rows of p, q sum to 1)."""
+    lp, lq = p.log(), q.log()
+    if name == "fkl":
+        return (p * (lp - lq)).sum(-1)
+    if name == "rkl":
+        return (q * (lq - lp)).sum(-1)
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if name == "todi":
+        a = torch.sigmoid(lp - lq)
+        return (a * p * (lp - lq) + (1 - a) * q * (lq - lp)).sum(-1)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "tvd", "todi"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_bucket_loss_matches_float64_reference(name, temperature):
+    hidden, weight, teacher, labels = _problem()
+    keep = labels != -100
+    sparse = SparseTeacher.from_logits(teacher[keep].float(), 6, (2.0,))
+    logits = hidden @ weight.T
+    p = _bucketed(teacher[keep], sparse.ids, temperature)
+    q = _bucketed(logits[keep], sparse.ids, temperature)
+    ce = F.cross_entropy(logits[keep], labels[keep], reduction="sum")
+    expected = (0.5 * ce + 0.5 * _reference(name, p, q).sum()) / keep.sum()
+    got = sparse_distillation_loss(logits.float(), sparse, labels, divergence=name, temperature=temperature)
+    assert abs(float(got.loss) - float(expected)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "name", ["fkl", "js", "tvd", "srkl"]
+)  # no stop-gradient inside (unlike ToDi's alpha)
+def test_bucket_gradient_matches_finite_differences(name):
+    hidden, weight, teacher, labels = _problem(n=10, v=12)
+    keep = labels != -100
+    sparse = SparseTeacher.from_logits(teacher[keep].float(), 3, (2.0,))
+    sparse64 = SparseTeacher(
+        sparse.ids,
+        sparse.logprobs.double(),
+        sparse.tail.double(),
+        12,
+        {2.0: sparse.tempered_tails[2.0].double()},
+    )
+    logits = (hidden @ weight.T).requires_grad_()
+
+    def f(z):
+        return sparse_distillation_loss(z, sparse64, labels, divergence=name).loss
+
+    f(logits).backward()
+    analytic = logits.grad
+    eps = 1e-6
+    for idx in [(1, 0), (2, 5), (5, 11), (3, int(sparse.ids[1, 0])), (9, 7)]:
+        plus, minus = logits.detach().clone(), logits.detach().clone()
+        plus[idx] += eps
+        minus[idx] -= eps
+        numeric = (f(plus) - f(minus)) / (2 * eps)
+        assert abs(float(numeric) - float(analytic[idx])) < 1e-7
+
+
+@pytest.mark.parametrize("name", ["todi", "js", "akl"])
+def test_fused_sparse_path_equals_materialised(name):
+    hidden, weight, teacher, labels = _problem(n=40, v=31)
+    keep = labels != -100
+    sparse = SparseTeacher.from_logits(teacher[keep].float(), 7, (2.0,))
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    fused = fused_linear_distillation_loss(
+        h, w, None, None, labels, sparse_teacher=sparse, divergence=name, chunk_size=8
+    )
+    fused.loss.backward()
+    h2, w2 = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    plain = sparse_distillation_loss(h2 @ w2.T, sparse, labels, divergence=name)
+    plain.loss.backward()
+    torch.testing.assert_close(fused.loss, plain.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_row_count_mismatch_is_refused():
+    hidden, weight, teacher, labels = _problem()
+    sparse = SparseTeacher.from_logits(teacher[:5].float(), 4)
+    with pytest.raises(ValueError, match="5 rows but the batch has 20 supervised positions"):
+        sparse_distillation_loss(hidden @ weight.T, sparse, labels)
+
+
+# ---- the cache files and `todi distill --teacher-cache` -------------------------------------------
+
+needs_tokenizer = pytest.mark.skipif(not GPT2_DIR.is_dir(), reason=f"GPT-2 tokenizer not found at {GPT2_DIR}")
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(GPT2_DIR)
+    tokenizer.eos_token = tokenizer.bos_token = "<|endoftext|>"  # the bare tokenizer.json names none
+    return tokenizer
+
+
+def _save_llama(path: Path, tokenizer, hidden: int, seed: int) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _write_data(path: Path, n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as file:
+        for _ in range(n):
+            record = {
+                "instruction": " ".join(rng.choices(WORDS, k=rng.randint(3, 8))),
+                "input": "",
+                "output": " ".join(rng.choices(WORDS, k=rng.randint(2, 12))),
+            }
+            file.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    if not GPT2_DIR.is_dir():
+        pytest.skip(f"GPT-2 tokenizer not found at {GPT2_DIR}")
+    root = tmp_path_factory.mktemp("cache-models")
+    tokenizer = _tokenizer()
+    return {
+        "teacher": _save_llama(root / "teacher", tokenizer, 64, seed=1),
+        "student": _save_llama(root / "student", tokenizer, 32, seed=2),
+        "data": _write_data(root / "train.jsonl", 24, seed=3),
+        "other": _write_data(root / "other.jsonl", 24, seed=4),
+    }
+
+
+def _cache(models, out: Path, *extra: str) -> int:
+    args = ["cache-teacher", "--teacher", models["teacher"], "--data", models["data"], "--out", str(out)]
+    return cli.main([*args, "--max-length", "64", "--max-prompt-length", "32", "--shard-size", "10", *extra])
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@needs_tokenizer
+def test_cache_files_manifest_and_bytes(models, tmp_path):
+    from safetensors import safe_open
+
+    assert _cache(models, tmp_path / "c", "--top-k", "16", "--batch-size", "5") == 0
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["top_k"] == 16 and manifest["vocab_size"] == 50257
+    assert manifest["id_encoding"] == "int16+32768" and len(manifest["shards"]) == 3  # 24 examples / 10
+    for key in ("teacher_config_hash", "tokenizer_hash", "data_file_sha256", "template", "max_length"):
+        assert manifest[key]
+    with safe_open(str(tmp_path / "c" / "shard-00000.safetensors"), "pt") as f:
+        assert f.get_tensor("ids").dtype == torch.int16 and f.get_tensor("logprobs").dtype == torch.float16
+        rows = int(f.get_tensor("offsets")[-1])
+    # 16 ids x 2 bytes + 16 log-probs x 2 bytes + tail + tail at T=2 (4 bytes each) per position
+    assert 72 <= manifest["bytes_per_position"] < 72 + 2000 / max(rows, 1) + 40
+
+
+@needs_tokenizer
+def test_stored_top_k_equals_the_teacher(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from todi.cache import TeacherCache
+    from todi.data import DataCollator, encode_examples, load_examples
+
+    assert _cache(models, tmp_path / "c", "--top-k", "8", "--logprob-dtype", "float32") == 0
+    cache = TeacherCache(tmp_path / "c")
+    tokenizer = _tokenizer()
+    examples = load_examples(models["data"], "train")
+    encoded, _ = encode_examples(examples, tokenizer, max_prompt_length=32, max_length=64)
+    teacher = AutoModelForCausalLM.from_pretrained(models["teacher"]).eval()
+    for i in (0, 13, 23):  # three shards
+        batch = DataCollator(tokenizer.eos_token_id)([encoded[i]])
+        with torch.no_grad():
+            logits = teacher(input_ids=batch["input_ids"]).logits[0, :-1]
+        keep = batch["labels"][0, 1:] != -100
+        logp = torch.log_softmax(logits[keep].double(), -1)
+        top, ids = logp.topk(8, -1)
+        rows = cache.rows([i])
+        assert torch.equal(rows.ids, ids)
+        torch.testing.assert_close(rows.logprobs.double(), top, atol=1e-4, rtol=0)
+        torch.testing.assert_close(rows.tail.double(), torch.log1p(-top.exp().sum(-1)), atol=1e-4, rtol=0)
+
+
+@needs_tokenizer
+def test_resume_skips_written_shards_and_refuses_other_settings(models, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert _cache(models, out, "--top-k", "4") == 0
+    first = (out / "shard-00001.safetensors").stat().st_mtime_ns
+    (out / "shard-00002.safetensors").unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    assert _cache(models, out, "--top-k", "4") == 0
+    assert (out / "shard-00001.safetensors").stat().st_mtime_ns == first
+    assert (out / "shard-00002.safetensors").is_file()
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+    assert _cache(models, out, "--top-k", "5") == 2
+    assert "other settings (top_k: 4 -> 5" in capsys.readouterr().err
+    assert _cache(models, out, "--top-k", "5", "--overwrite") == 0
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("loss", ["todi", "akl"])
+def test_distill_from_full_cache_equals_online(models, tmp_path, loss):
+    """k = V stored in float32: the cached run takes the same steps as the online one."""
+    assert (
+        _cache(models, tmp_path / "c", "--top-k", "50257", "--logprob-dtype", "float32", "--temperatures", "")
+        == 0
+    )
+    common = [
+        "distill",
+        "--student",
+        models["student"],
+        "--data",
+        models["data"],
+        "--loss",
+        loss,
+        "--max-steps",
+        "3",
+        "--log-every",
+        "1",
+        *TINY,
+    ]
+    assert cli.main([*common, "--teacher", models["teacher"], "--out", str(tmp_path / "online")]) == 0
+    assert cli.main([*common, "--teacher-cache", str(tmp_path / "c"), "--out", str(tmp_path / "cached")]) == 0
+    online, cached = _metrics(tmp_path / "online"), _metrics(tmp_path / "cached")
+    assert len(online) == len(cached) == 3
+    for a, b in zip(online, cached):
+        for key in ("loss", "ce", "kd", "grad_norm"):
+            assert math.isclose(a[key], b[key], rel_tol=2e-4, abs_tol=1e-6), (key, a[key], b[key])
+
+
+@needs_tokenizer
+def test_distill_refuses_a_mismatched_cache(models, tmp_path, capsys):
+    assert _cache(models, tmp_path / "c", "--top-k", "4") == 0
+    base = ["distill", "--student", models["student"], "--teacher-cache", str(tmp_path / "c"), *TINY]
+    assert cli.main([*base, "--data", models["other"], "--out", str(tmp_path / "r1")]) == 1
+    assert "example 0 of --data" in capsys.readouterr().err
+    bad = [a if a != "64" else "48" for a in base]  # --max-length 48
+    assert cli.main([*bad, "--data", models["data"], "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "--max-length 64 (this run: 48)" in err and "rerun with --max-length 64" in err
+    assert (
+        cli.main([*base, "--data", models["data"], "--template", "none", "--out", str(tmp_path / "r3")]) == 2
+    )
+    assert (
+        cli.main(
+            [*base, "--data", models["data"], "--teacher", models["teacher"], "--out", str(tmp_path / "r4")]
+        )
+        == 2
+    )
+    assert "exactly one of --teacher and --teacher-cache" in capsys.readouterr().err
+    assert not (tmp_path / "r1" / "final").exists()
