@@ -2,14 +2,23 @@
 
 Everything here is plain Hugging Face + PEFT; the training loop only calls these functions, so a model
 family that ``AutoModelForCausalLM`` loads needs no code in todi.
+
+Both loaders also take a GGUF file (or a folder holding exactly one ``.gguf`` and no ``config.json``):
+:func:`resolve_model_path` converts it once into a plain Hugging Face folder under the todi cache
+(``$TODI_CACHE/gguf/``, default ``~/.cache/todi/gguf/``) and every later load reads that folder.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib.util
+import json
 import logging
 import os
 import shutil
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +39,8 @@ __all__ = [
     "load_causal_lm",
     "load_tokenizer",
     "resolve_dtype",
+    "resolve_model_path",
+    "todi_cache_dir",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -57,16 +68,146 @@ def resolve_dtype(name: str, device: torch.device, *, auto: torch.dtype = torch.
     return DTYPES[name]
 
 
+def todi_cache_dir() -> Path:
+    """The root of todi's caches: ``$TODI_CACHE``, else ``$XDG_CACHE_HOME/todi``, else ``~/.cache/todi``."""
+    if os.environ.get("TODI_CACHE"):
+        return Path(os.environ["TODI_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "todi"
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF files
+# --------------------------------------------------------------------------------------------------
+
+_GGUF_MARKER = "todi_gguf.json"
+
+
+def _find_gguf(name_or_path: str) -> Path | None:
+    """The GGUF file ``name_or_path`` stands for, or None when it is an ordinary folder or a Hub id."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise TodiError(
+                f"GGUF file {name_or_path} does not exist", "check the path, or give a model folder or Hub id"
+            )
+        return path
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(found) > 1:
+        raise UsageError(
+            f"{name_or_path} holds {len(found)} GGUF files ({', '.join(p.name for p in found)})",
+            "give the path of the one to use (folder/file.gguf)",
+        )
+    return found[0] if found else None
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    # The key changes when the file is replaced or touched, so an updated GGUF is converted afresh;
+    # the stem keeps the folder recognisable to someone browsing the cache.
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return todi_cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
+
+
+def _require_gguf_package() -> None:
+    from transformers.utils.import_utils import GGUF_MIN_VERSION, is_gguf_available
+
+    if importlib.util.find_spec("gguf") is None or not is_gguf_available():
+        raise TodiError(
+            f"reading GGUF files needs the gguf package (version {GGUF_MIN_VERSION} or newer)",
+            "pip install gguf   (or: pip install 'todi[gguf]')",
+        )
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise ``gguf`` into a float32 Hugging Face folder at ``target``, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _require_gguf_package()
+    start = time.perf_counter()
+    logger.info("converting %s to a Hugging Face folder (once; later loads use the cache)", gguf)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, NotImplementedError) as err:
+        raise TodiError(
+            f"cannot read the GGUF file {gguf}: {err}".splitlines()[0],
+            "transformers reads GGUF files of the architectures and quantisation types listed in its "
+            "GGUF documentation; convert others with llama.cpp's tools or use the original HF model",
+        ) from err
+    # A GGUF-loaded model refuses save_pretrained (its config carries a GGUF quantization_config);
+    # a plain model of the same config with the dequantised weights saves like any other.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # Built on the meta device and given the loaded tensors themselves: no random initialisation (minutes
+    # for a 7B model on a CPU) and no second copy of the weights. Only saved, never run, so the
+    # non-persistent buffers left on the meta device (rotary frequencies) do not matter.
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    plain.tie_weights()
+    plain.generation_config = copy.deepcopy(loaded.generation_config)
+    del loaded
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Per-process staging name: two commands converting the same file at once must not share it.
+    staging = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        stat = gguf.stat()
+        marker = {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        (staging / _GGUF_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process finished the same conversion first; its folder is as good as ours.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("converted %s into %s in %.0f s", gguf.name, target, time.perf_counter() - start)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The folder or Hub id to hand to ``from_pretrained`` for ``name_or_path``.
+
+    A ``.gguf`` file, or a folder holding exactly one ``.gguf`` file and no ``config.json``, becomes a
+    plain Hugging Face folder in the cache (converted on first use: dequantised to float32 weights plus
+    the tokenizer); anything else is returned unchanged.
+    """
+    gguf = _find_gguf(str(name_or_path))
+    if gguf is None:
+        return str(name_or_path)
+    target = _gguf_cache_folder(gguf)
+    if (target / "config.json").is_file():
+        logger.info("GGUF %s: using the converted copy in %s", gguf.name, target)
+    else:
+        _convert_gguf(gguf, target)
+    return str(target)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer saved with a model; fast to load, so the CLI checks it before loading any weights."""
+    """The tokenizer saved with a model; fast to load, so the CLI checks it before loading any weights
+    (a GGUF model is converted here, on first use: see :func:`resolve_model_path`)."""
     from transformers import AutoTokenizer
 
+    source, name_or_path = name_or_path, resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise TodiError(
-            f"cannot load the tokenizer of {name_or_path}: {err}".splitlines()[0], _LOAD_HINT
-        ) from err
+        raise TodiError(f"cannot load the tokenizer of {source}: {err}".splitlines()[0], _LOAD_HINT) from err
     if tokenizer.eos_token_id is None:
         # A bare tokenizer.json (e.g. GPT-2's) may lack the EOS the model was trained with; the model's
         # generation config names it, and reading that JSON costs nothing.
@@ -96,18 +237,20 @@ def load_causal_lm(
     adapter: str | None = None,
 ) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` (safetensors preferred), optionally with a PEFT adapter
-    merged into the weights (``adapter``: the teacher's LoRA from a LoRA SFT run).
+    merged into the weights (``adapter``: the teacher's LoRA from a LoRA SFT run). ``name_or_path`` may
+    also be a GGUF file (see :func:`resolve_model_path`).
 
     The model is returned in train mode on the CPU; the caller moves it.
     """
     from transformers import AutoModelForCausalLM
 
+    source, name_or_path = name_or_path, resolve_model_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None
         )
     except (OSError, ValueError) as err:
-        raise TodiError(f"cannot load model {name_or_path}: {err}".splitlines()[0], _LOAD_HINT) from err
+        raise TodiError(f"cannot load model {source}: {err}".splitlines()[0], _LOAD_HINT) from err
     if adapter:
         from peft import PeftModel
 
@@ -115,11 +258,11 @@ def load_causal_lm(
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         except (OSError, ValueError) as err:
             raise TodiError(
-                f"cannot load the adapter {adapter} into {name_or_path}: {err}".splitlines()[0],
+                f"cannot load the adapter {adapter} into {source}: {err}".splitlines()[0],
                 "give the folder a PEFT save_pretrained wrote (adapter_config.json, adapter_model.safetensors) "
                 "for this base model",
             ) from err
-        logger.info("merged adapter %s into %s", adapter, name_or_path)
+        logger.info("merged adapter %s into %s", adapter, source)
     model.train()
     return model
 
@@ -188,6 +331,7 @@ def export_model(
     merge_lora: bool = True,
     copy_before_merge: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a plain Hugging Face folder (weights as safetensors + config + tokenizer) that
     ``AutoModelForCausalLM.from_pretrained`` loads; atomically (temporary folder, then rename).
@@ -197,6 +341,8 @@ def export_model(
     ``copy_before_merge`` merges a copy so that training can go on with the adapter (best-model exports).
     ``state_dict`` (full, unsharded) replaces the module's own, for FSDP / ZeRO-3 gathered weights
     (not with a LoRA merge: load it into an unsharded copy of the model first).
+    ``extra_files`` (file name -> text) are written into the folder before it appears, so a record of
+    how the model was made never goes missing from it.
     """
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
@@ -207,6 +353,8 @@ def export_model(
         model = (copy.deepcopy(model) if copy_before_merge else model).merge_and_unload()
     model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
