@@ -471,6 +471,8 @@ class TeacherCache:
         """The teacher rows of these examples (their supervised positions, in order), on the CPU."""
         parts = []
         for i in example_indices:
+            if not 0 <= i < len(self):
+                raise IndexError(f"example {i} is not in teacher cache {self.path} ({len(self)} examples)")
             s = bisect.bisect_right(self._starts, i) - 1
             local = i - self._starts[s]
             a, b = int(self._offsets[s][local]), int(self._offsets[s][local + 1])
