@@ -29,7 +29,7 @@ from todi.errors import UsageError
 logger = logging.getLogger(__name__)
 
 # Bump when the generator, the architectures or the teacher recipe change: it keys the teacher cache.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 
 def _opt(default: Any, text: str) -> Any:
@@ -52,6 +52,9 @@ class Config:
 
 @dataclass(frozen=True)
 class Profile:
+    """Sizes of one demo run. The teacher learns from ``teacher_examples`` generated tasks; every student
+    gets only the first ``train_examples`` of them (default: all), the same for each objective."""
+
     train_examples: int
     test_examples: int
     eval_seeds: tuple[int, ...]
@@ -64,16 +67,24 @@ class Profile:
     batch_size: int = 32
     teacher_lr: float = 3e-3
     student_lr: float = 3e-3
+    teacher_examples: int | None = None
+
+    @property
+    def teacher_data(self) -> int:
+        return self.teacher_examples or self.train_examples
 
 
+# The students' labelled budget is a small share of the teacher's data: the regime where a teacher's
+# distributions carry information the labels alone do not (and where distillation is used in practice,
+# a teacher trained on far more data than the student's budget allows).
 PROFILES = {
     "default": Profile(
-        train_examples=4000, test_examples=200, eval_seeds=(10, 20, 30),
+        teacher_examples=16000, train_examples=1000, test_examples=200, eval_seeds=(10, 20, 30),
         teacher_layers=4, teacher_hidden=192, teacher_steps=1000,
         student_layers=2, student_hidden=96, student_steps=400,
     ),
     "quick": Profile(
-        train_examples=2000, test_examples=100, eval_seeds=(10,),
+        teacher_examples=8000, train_examples=500, test_examples=100, eval_seeds=(10,),
         teacher_layers=3, teacher_hidden=128, teacher_steps=500,
         student_layers=2, student_hidden=64, student_steps=200,
     ),
@@ -120,10 +131,11 @@ def _cache_root(config: Config) -> Path:
 
 
 def _train_options(
-    profile: Profile, data: Path, out: Path, steps: int, lr: float, seed: int
+    profile: Profile, data: Path, out: Path, steps: int, lr: float, seed: int, examples: int
 ) -> dict[str, Any]:
     return dict(
         data=str(data),
+        max_examples=examples,
         out=str(out),
         template=demo_tasks.PROMPT_TEMPLATE,
         max_length=64,
@@ -147,7 +159,7 @@ def _teacher(config: Config, profile: Profile, tokenizer: Any, data: Path, work:
 
     # Only what shapes the teacher keys its cache, so profiles that differ in their students share it.
     teacher_fields = (
-        "train_examples",
+        "teacher_data",
         "teacher_layers",
         "teacher_hidden",
         "teacher_steps",
@@ -172,7 +184,9 @@ def _teacher(config: Config, profile: Profile, tokenizer: Any, data: Path, work:
     logger.info(
         "teacher: training %d layers x %d from scratch", profile.teacher_layers, profile.teacher_hidden
     )
-    options = _train_options(profile, data, staging, profile.teacher_steps, profile.teacher_lr, config.seed)
+    options = _train_options(
+        profile, data, staging, profile.teacher_steps, profile.teacher_lr, config.seed, profile.teacher_data
+    )
     train(SFTConfig(model=str(init), **options))
     shutil.copy(staging / "metrics.jsonl", work / "teacher-metrics.jsonl")
     # The rename makes the cache entry appear whole or not at all.
@@ -194,7 +208,13 @@ def _students(
     for objective in objectives:
         logger.info("student: %s", objective)
         options = _train_options(
-            profile, data, runs / objective, profile.student_steps, profile.student_lr, config.seed
+            profile,
+            data,
+            runs / objective,
+            profile.student_steps,
+            profile.student_lr,
+            config.seed,
+            profile.train_examples,
         )
         if objective == "sft":
             finals[objective] = train(SFTConfig(model=str(init), **options))
@@ -266,7 +286,7 @@ def run(config: Config) -> None:
     tokenizer = demo_tasks.build_tokenizer()
     data = out / "data"
     paths = demo_tasks.write_splits(
-        data, train=profile.train_examples, dev=50, test=profile.test_examples, seed=config.seed
+        data, train=profile.teacher_data, dev=50, test=profile.test_examples, seed=config.seed
     )
     runs = out / "runs"
     runs.mkdir(exist_ok=True)
@@ -278,7 +298,7 @@ def run(config: Config) -> None:
     elapsed = time.perf_counter() - start
     report = demo_report.write_report(
         out, results=results, runs=runs, teacher=teacher, student=students.get("todi"), test=paths["test"],
-        profile=dataclasses.asdict(profile), elapsed=elapsed, teacher_seconds=teacher_seconds, quick=config.quick,
+        profile={**dataclasses.asdict(profile), "teacher_data": profile.teacher_data}, elapsed=elapsed, teacher_seconds=teacher_seconds, quick=config.quick,
     )  # fmt: skip
     print(report.read_text(encoding="utf-8"))
     print(f"total time {elapsed / 60:.1f} min; report in {out / 'report.md'}")

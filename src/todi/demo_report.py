@@ -161,8 +161,9 @@ def write_report(out: Path, *, results: dict[str, dict[str, float]], runs: Path,
 Profile: {"quick" if quick else "default"}. Embedded tasks (arithmetic, sorting, reversing, spelling,
 opposites, extremes, naming members of a category), word-level tokenizer of {len(demo_tasks.vocabulary())} tokens.
 Teacher: Llama {profile["teacher_layers"]} layers x {profile["teacher_hidden"]}, {profile["teacher_steps"]} SFT steps
-({"trained in this run, " + f"{teacher_seconds:.0f} s" if teacher_seconds else "from the cache"}).
-Students: Llama {profile["student_layers"]} layers x {profile["student_hidden"]}, {profile["student_steps"]} steps each,
+on {profile["teacher_data"]} tasks ({"trained in this run, " + f"{teacher_seconds:.0f} s" if teacher_seconds else "from the cache"}).
+Students: Llama {profile["student_layers"]} layers x {profile["student_hidden"]}, {profile["student_steps"]} steps each
+on the first {profile["train_examples"]} of those tasks (a labelled budget much smaller than the teacher's),
 same seed and data order; distilled ones use kd_rate 0.5 and temperature 2.0.
 Evaluation: {profile["test_examples"]} held-out tasks, sampling at temperature 1 with seeds {", ".join(map(str, profile["eval_seeds"]))},
 ROUGE-L (x100, max over references) and exact match (any reference).
