@@ -11,6 +11,7 @@ losses), and it serves every divergence in the registry.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from todi.divergences import Divergence, check_vocab, get_divergence, masked_log_probs, todi_weight
 from todi.losses.objective import LossOutput, check_objective, normaliser
-from todi.losses.sparse import SparseTeacher, check_sparse_rows, sparse_divergence
+from todi.losses.sparse import SparseTeacher, check_sparse_rows
 
 logger = logging.getLogger(__name__)
 
@@ -129,21 +130,42 @@ def _sparse_chunk_kernel(
     objective: _Objective,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """:func:`_chunk_kernel` against a sparse teacher: ``ids`` ``[c, k]`` and its bucket log-probs."""
+    """:func:`_chunk_kernel` against a sparse teacher: ``ids`` ``[c, k]`` and its bucket log-probs.
+
+    The divergence lives on k + 1 bucket log-probs b; autograd runs only on that small ``[c, k + 1]``
+    function, and the chain rule to the ``[c, V]`` logits is written out (cheaper than autograd through
+    the gather, scatter and two log-sum-exps): with s = z / T, q = softmax(s), g = dD/db and G = sum g,
+    dD/ds = g_tail * softmax over the tail of s (0 on the k ids) - G q, plus g_j at id j.
+    """
     kd_rate, temperature, entry = objective.kd_rate, objective.temperature, objective.entry
     params = dict(objective.params)
     ce, grad = _ce_part(z, targets, scale, kd_rate, need_grad)
+    with_tail = bucket.shape[-1] > ids.shape[-1]
+    s = z / temperature
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    columns = [s.gather(-1, ids) - lse]
+    if with_tail:
+        rest = s.scatter(-1, ids, -math.inf)
+        lse_rest = torch.logsumexp(rest, dim=-1, keepdim=True)
+        columns.append(lse_rest - lse)
+    student_bucket = torch.cat(columns, dim=-1)
 
-    def kd_of(student: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        per_row, ls_, lt_ = sparse_divergence(entry, student, ids, bucket, temperature, params)
-        return per_row.sum(), (ls_.detach(), lt_.detach())
+    def kd_of(b: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        ls_, lt_ = masked_log_probs(b, bucket)
+        return entry.fn(ls_, lt_, **params).sum(), (ls_.detach(), lt_.detach())
 
     if need_grad:
-        grad_kd, (kd, (ls, lt)) = torch.func.grad_and_value(kd_of, has_aux=True)(z)
-        grad_kd = grad_kd * (kd_rate * scale)
+        g, (kd, (ls, lt)) = torch.func.grad_and_value(kd_of, has_aux=True)(student_bucket)
+        grad_s = -g.sum(-1, keepdim=True) * torch.exp(s - lse)
+        if with_tail:
+            # A row whose tail underflowed has g_tail = 0 (masked); keep its exp finite.
+            finite_rest = torch.where(torch.isfinite(lse_rest), lse_rest, torch.zeros_like(lse_rest))
+            grad_s = grad_s + g[:, -1:] * torch.exp(rest - finite_rest)
+        grad_s = grad_s.scatter_add(-1, ids, g[:, : ids.shape[-1]])
+        grad_kd = grad_s * (kd_rate * scale / temperature)
         grad = grad_kd if grad is None else grad + grad_kd
     else:
-        kd, (ls, lt) = kd_of(z)
+        kd, (ls, lt) = kd_of(student_bucket)
     weight = todi_weight(ls, lt, params["beta"]).sum() if entry.name == "todi" else z.new_zeros(())
     return ce, kd.detach(), weight, grad
 
