@@ -393,3 +393,24 @@ def test_distill_refuses_a_mismatched_cache(models, tmp_path, capsys):
     )
     assert "exactly one of --teacher and --teacher-cache" in capsys.readouterr().err
     assert not (tmp_path / "r1" / "final").exists()
+
+
+def test_sparse_kernel_compiles(monkeypatch):
+    from todi.losses import fused as fused_mod
+
+    monkeypatch.delenv("TODI_COMPILE", raising=False)
+    hidden, weight, teacher, labels = _problem(n=64, v=40)
+    keep = labels != -100
+    sparse = SparseTeacher.from_logits(teacher[keep].float(), 6, (2.0,))
+    h = hidden.float().requires_grad_()
+    out = fused_linear_distillation_loss(
+        h, weight.float(), None, None, labels, sparse_teacher=sparse, chunk_size=16, compile=True
+    )
+    out.loss.backward()
+    keys = [key for key in fused_mod._COMPILED if key[-1] == "_sparse_chunk_kernel"]
+    assert keys and not fused_mod._COMPILE_FAILED.intersection(keys)
+    h2 = hidden.float().requires_grad_()
+    plain = sparse_distillation_loss(h2 @ weight.float().T, sparse, labels)
+    plain.loss.backward()
+    torch.testing.assert_close(out.loss, plain.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-4)

@@ -199,7 +199,7 @@ def _run_kernel(
         kernel, args = _sparse_chunk_kernel, (z, *teacher, targets, scale, objective, need_grad)
     else:
         kernel, args = _chunk_kernel, (z, teacher, targets, scale, objective, need_grad, safe)
-    key = (kernel.__name__, objective, need_grad, safe, tuple(z.shape), z.device.type)
+    key = (objective, need_grad, safe, tuple(z.shape), z.device.type, kernel.__name__)
     if compiled and key not in _COMPILE_FAILED:
         compiled_kernel = _COMPILED.get(key)
         if compiled_kernel is None:
