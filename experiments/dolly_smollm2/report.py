@@ -39,9 +39,12 @@ NAMES = {
 ANALYSIS_EXAMPLES = 64
 
 
-def per_position_shares(model_dir: Path, cache_dir: Path, data: Path, config: dict) -> torch.Tensor:
+def per_position_shares(
+    model_dir: Path | str, cache_dir: Path, data: Path, config: dict
+) -> tuple[torch.Tensor, float]:
     """ToDi's FKL share (:func:`todi.divergences.todi_weight`) at every supervised position of the first
-    training examples, between the cached teacher and the model in ``model_dir``, as in training."""
+    training examples, between the cached teacher and the model in ``model_dir``, as in training; and the
+    model's cross-entropy (per position) on them."""
     from todi.cache import TeacherCache
     from todi.data import DataCollator, encode_examples, ensure_pad_token, load_examples
     from todi.divergences import get_divergence, todi_weight
@@ -60,20 +63,25 @@ def per_position_shares(model_dir: Path, cache_dir: Path, data: Path, config: di
         max_prompt_length=config["max_prompt_length"],
     )
     model = load_causal_lm(str(model_dir)).eval()
-    entry, shares = get_divergence("todi"), []
+    entry, shares, nll = get_divergence("todi"), [], []
     collate = DataCollator(pad)
     with torch.no_grad():
         for i, example in enumerate(encoded):
             batch = collate([example])
             logits = model(input_ids=batch["input_ids"]).logits[0, :-1, : cache.vocab_size]
             keep = batch["labels"][0, 1:] != -100
+            nll.append(
+                torch.nn.functional.cross_entropy(
+                    logits[keep], batch["labels"][0, 1:][keep], reduction="none"
+                )
+            )
             rows = cache.rows([i])
             bucket = rows.bucket_log_probs(config["temperature"])
             _, ls, lt = sparse_divergence(
                 entry, logits[keep], rows.ids, bucket, config["temperature"], {"beta": 1.0}
             )
             shares.append(todi_weight(ls, lt, 1.0))
-    return torch.cat(shares)
+    return torch.cat(shares), float(torch.cat(nll).mean())
 
 
 def fmt(cell: dict) -> str:
@@ -182,8 +190,10 @@ def main() -> None:
     ]
     curve = [(r["step"], r["todi_weight"]) for r in metrics if r.get("todi_weight") is not None]
     data = Path(json.loads((run / "teacher-cache" / "manifest.json").read_text())["data"])
-    early = per_position_shares(run / "student-init", run / "teacher-cache", data, config)
-    late = per_position_shares(run / "runs" / "todi" / "final", run / "teacher-cache", data, config)
+    early, early_ce = per_position_shares(run / "student-init", run / "teacher-cache", data, config)
+    late, late_ce = per_position_shares(run / "runs" / "todi" / "final", run / "teacher-cache", data, config)
+    teacher_path = json.loads((run / "student-init" / "todi_init.json").read_text())["teacher_path"]
+    _, teacher_ce = per_position_shares(teacher_path, run / "teacher-cache", data, config)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.plot([s for s, _ in curve], [w for _, w in curve], marker=".")
     left.axhline(0.5, color="grey", lw=0.8, ls="--")
@@ -222,6 +232,9 @@ def main() -> None:
     }
     steps = train_metrics["todi"][-1]["step"]
     init = json.loads((run / "student-init" / "todi_init.json").read_text())
+    ce_line = ", ".join(
+        f"{NAMES[m]} {statistics.fmean(r['ce'] for r in train_metrics[m][-3:]):.2f}" for m in students
+    )
 
     doc = f"""# Results: ToDi and the baselines, SmolLM2-135M-Instruct -> 6-layer student, Dolly
 
@@ -254,6 +267,10 @@ from that run's files. The exact `todi` commands are in the run folder's `comman
 
 **Does ToDi win?** {verdict}
 {("Against SFT, average ROUGE-L differences: " + ", ".join(f"{NAMES[m]} {v:+.2f}" for m, v in sft_gap.items()) + ".") if sft_gap else ""}
+
+How far training got: cross-entropy per response token on the first {min(ANALYSIS_EXAMPLES, cache["examples"])}
+training examples is {teacher_ce:.2f} for the teacher, {early_ce:.2f} for the initial 6-layer student and
+{late_ce:.2f} for the final ToDi student; on the last logged training steps: {ce_line}.
 
 The std is over sampling seeds of one trained student per objective (the paper's protocol); it does not
 include the variation between training runs, which is usually larger, so a gap inside it is a tie.
