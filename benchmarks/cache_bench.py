@@ -507,7 +507,9 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict:
     print("quality: evaluating held-out ROUGE-L ...", flush=True)
     evaluation = root / "eval"
     evaluation.mkdir(exist_ok=True)
-    scores = demo._evaluate(finals, paths["test"], profile, evaluation)
+    scores = demo._evaluate(
+        {name: [path] for name, path in finals.items()}, paths["test"], profile, evaluation
+    )
 
     per_seed = [
         {

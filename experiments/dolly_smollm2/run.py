@@ -6,7 +6,7 @@ Self-Instruct and Vicuna from ``$TODI_DATA`` (default ../shared/data). The teach
 (``todi cache-teacher``); every objective then trains from the cache with the same data, steps, seed
 and learning rate, and is evaluated with the same sampling seeds.
 
-    python experiments/dolly_smollm2/run.py --profile cpu            # ~2 h on a 2-core CPU
+    python experiments/dolly_smollm2/run.py --profile cpu            # 83 min measured on 2 CPU cores
     python experiments/dolly_smollm2/run.py --profile gpu            # the paper's budget, one GPU
     python experiments/dolly_smollm2/report.py runs/dolly_smollm2-cpu # docs/results.md + figures
 

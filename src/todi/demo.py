@@ -41,7 +41,9 @@ class Config:
     """Distil a teacher into students with SFT, FKL, RKL and ToDi on embedded data, then compare them."""
 
     out: str = _opt("todi-demo", "output folder: data/, runs/, eval/, report.md and figures")
-    quick: bool = _opt(False, "a smaller, faster profile (about a third of the default time)")
+    quick: bool = _opt(
+        False, "a smaller, faster profile (one training seed; about a sixth of the default time)"
+    )
     all: bool = _opt(False, "train a student for every objective in the registry, not only FKL/RKL/ToDi")
     seed: int = _opt(0, "seed of the data generator, initialisation and data order")
     cache_dir: str | None = _opt(
@@ -68,6 +70,9 @@ class Profile:
     teacher_lr: float = 3e-3
     student_lr: float = 3e-3
     teacher_examples: int | None = None
+    # Each objective is trained once per seed and scored as the mean over them: one training run per
+    # objective leaves differences of several ROUGE-L points to chance at this size.
+    student_seeds: tuple[int, ...] = (0,)
 
     @property
     def teacher_data(self) -> int:
@@ -80,6 +85,7 @@ class Profile:
 PROFILES = {
     "default": Profile(
         teacher_examples=16000, train_examples=1000, test_examples=200, eval_seeds=(10, 20, 30),
+        student_seeds=(0, 1, 2),
         teacher_layers=4, teacher_hidden=192, teacher_steps=1000,
         student_layers=2, student_hidden=96, student_steps=400,
     ),
@@ -196,32 +202,37 @@ def _teacher(config: Config, profile: Profile, tokenizer: Any, data: Path, work:
 
 def _students(
     config: Config, profile: Profile, tokenizer: Any, data: Path, teacher: Path, runs: Path
-) -> dict[str, Path]:
+) -> dict[str, list[Path]]:
+    """Final folders of every objective's students, one per seed in ``profile.student_seeds``; the seed
+    sets initialisation and data order, shared by all objectives."""
     from todi.divergences import DIVERGENCES
     from todi.training import DistillConfig, SFTConfig, train
 
-    init = _save_init(
-        runs / "student-init", tokenizer, profile.student_layers, profile.student_hidden, config.seed
-    )
     objectives = ["sft", *(DIVERGENCES if config.all else ("fkl", "rkl", "todi"))]
-    finals = {}
-    for objective in objectives:
-        logger.info("student: %s", objective)
-        options = _train_options(
-            profile,
-            data,
-            runs / objective,
-            profile.student_steps,
-            profile.student_lr,
-            config.seed,
-            profile.train_examples,
+    finals: dict[str, list[Path]] = {objective: [] for objective in objectives}
+    for offset in profile.student_seeds:
+        seed = config.seed + offset
+        init = _save_init(
+            runs / f"student-init-seed{seed}", tokenizer, profile.student_layers, profile.student_hidden, seed
         )
-        if objective == "sft":
-            finals[objective] = train(SFTConfig(model=str(init), **options))
-        else:
-            finals[objective] = train(
-                DistillConfig(teacher=str(teacher), student=str(init), loss=objective, **options)
+        for objective in objectives:
+            logger.info("student: %s, seed %d", objective, seed)
+            options = _train_options(
+                profile,
+                data,
+                runs / objective / f"seed{seed}",
+                profile.student_steps,
+                profile.student_lr,
+                seed,
+                profile.train_examples,
             )
+            if objective == "sft":
+                final = train(SFTConfig(model=str(init), **options))
+            else:
+                final = train(
+                    DistillConfig(teacher=str(teacher), student=str(init), loss=objective, **options)
+                )
+            finals[objective].append(final)
     return finals
 
 
@@ -231,8 +242,10 @@ def _exact_match(prediction: str, references: tuple[str, ...]) -> float:
 
 
 def _evaluate(
-    models: dict[str, Path], test: Path, profile: Profile, out: Path
-) -> dict[str, dict[str, float]]:
+    models: dict[str, list[Path]], test: Path, profile: Profile, out: Path
+) -> dict[str, dict[str, Any]]:
+    """ROUGE-L and exact match per model: the mean over its training seeds (each the mean over the
+    sampling seeds), with the std over training seeds (over sampling seeds when there is one)."""
     from tqdm.auto import tqdm
 
     from todi.data import load_examples
@@ -241,7 +254,9 @@ def _evaluate(
     examples = load_examples(test, max_examples=profile.test_examples)
     settings = GenerationSettings(max_new_tokens=24, batch_size=64)
     results = {}
-    for name, path in tqdm(models.items(), desc="evaluate", unit="model"):
+    jobs = [(name, i, path) for name, paths in models.items() for i, path in enumerate(paths)]
+    per_run: dict[str, list[tuple[list[float], list[float]]]] = {name: [] for name in models}
+    for name, i, path in tqdm(jobs, desc="evaluate", unit="model"):
         model, tokenizer = load_model(str(path), dtype="float32")
         rouge, exact = [], []
         for seed in profile.eval_seeds:
@@ -252,7 +267,7 @@ def _evaluate(
             exact.append(
                 statistics.fmean(_exact_match(p, e.references) for p, e in zip(predictions, examples))
             )
-            with (out / f"{name}.seed{seed}.jsonl").open("w", encoding="utf-8") as f:
+            with (out / f"{name}.run{i}.seed{seed}.jsonl").open("w", encoding="utf-8") as f:
                 for p, e in zip(predictions, examples):
                     f.write(
                         json.dumps(
@@ -260,15 +275,17 @@ def _evaluate(
                         )
                         + "\n"
                     )
-        results[name] = {
-            "rougeL": statistics.fmean(rouge),
-            "rougeL_std": statistics.pstdev(rouge),
-            "exact": statistics.fmean(exact),
-            "exact_std": statistics.pstdev(exact),
-        }
-        logger.info(
-            "%s: ROUGE-L %.1f, exact match %.1f", name, results[name]["rougeL"], results[name]["exact"]
-        )
+        per_run[name].append((rouge, exact))
+    for name, runs in per_run.items():
+        summary: dict[str, Any] = {"runs": len(runs)}
+        for key, column in (("rougeL", 0), ("exact", 1)):
+            means = [statistics.fmean(r[column]) for r in runs]
+            spread = means if len(means) > 1 else runs[0][column]
+            summary[key] = statistics.fmean(means)
+            summary[f"{key}_std"] = statistics.pstdev(spread)
+            summary[f"{key}_per_run"] = means
+        results[name] = summary
+        logger.info("%s: ROUGE-L %.1f, exact match %.1f", name, summary["rougeL"], summary["exact"])
     return results
 
 
@@ -294,10 +311,10 @@ def run(config: Config) -> None:
     students = _students(config, profile, tokenizer, data, teacher, runs)
     evaluation = out / "eval"
     evaluation.mkdir(exist_ok=True)
-    results = _evaluate({"teacher": teacher, **students}, paths["test"], profile, evaluation)
+    results = _evaluate({"teacher": [teacher], **students}, paths["test"], profile, evaluation)
     elapsed = time.perf_counter() - start
     report = demo_report.write_report(
-        out, results=results, runs=runs, teacher=teacher, student=students.get("todi"), test=paths["test"],
+        out, results=results, runs=runs, teacher=teacher, student=students["todi"][0] if "todi" in students else None, test=paths["test"],
         profile={**dataclasses.asdict(profile), "teacher_data": profile.teacher_data}, elapsed=elapsed, teacher_seconds=teacher_seconds, quick=config.quick,
     )  # fmt: skip
     print(report.read_text(encoding="utf-8"))

@@ -32,7 +32,9 @@ def plot_losses(runs: Path, objectives: list[str], path: Path) -> None:
     plt = _plt()
     fig, (ax_ce, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for objective in objectives:
-        records = [r for r in _read_metrics(runs / objective / "metrics.jsonl") if "ce" in r]
+        # The first seed's run: the curves of one seed show the dynamics; the table averages the seeds.
+        first = sorted((runs / objective).glob("seed*"))
+        records = [r for r in _read_metrics(first[0] / "metrics.jsonl") if "ce" in r] if first else []
         steps = [r["step"] for r in records]
         ax_ce.plot(steps, [r["ce"] for r in records], label=objective)
         ax_loss.plot(steps, [r["loss"] for r in records], label=objective)
@@ -57,7 +59,7 @@ def plot_scores(results: dict[str, dict[str, float]], path: Path) -> None:
     ax.bar(names, means, yerr=stds, capsize=4, color=colors)
     for x, m in enumerate(means):
         ax.text(x, m + 0.5, f"{m:.1f}", ha="center", va="bottom", fontsize=9)
-    ax.set(ylabel="ROUGE-L (x100)", title="held-out ROUGE-L (mean ± std over sampling seeds)")
+    ax.set(ylabel="ROUGE-L (x100)", title="held-out ROUGE-L (mean ± std over training seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -153,8 +155,9 @@ def write_report(out: Path, *, results: dict[str, dict[str, float]], runs: Path,
                 lines.append(
                     f"ToDi ({kd['todi']:.1f}) {verdict} the best other divergence, {best_other} "
                     f"({others[best_other]:.1f}), at these settings. With "
-                    f"{len(profile['eval_seeds'])} sampling seed(s) and {profile['test_examples']} test "
-                    "examples, differences within the ± spread are noise."
+                    f"{len(profile['student_seeds'])} training seed(s), {len(profile['eval_seeds'])} sampling "
+                    f"seed(s) and {profile['test_examples']} test examples, differences within the ± spread "
+                    "are noise."
                 )
     text = f"""# todi demo report
 
@@ -163,10 +166,13 @@ opposites, extremes, naming members of a category), word-level tokenizer of {len
 Teacher: Llama {profile["teacher_layers"]} layers x {profile["teacher_hidden"]}, {profile["teacher_steps"]} SFT steps
 on {profile["teacher_data"]} tasks ({"trained in this run, " + f"{teacher_seconds:.0f} s" if teacher_seconds else "from the cache"}).
 Students: Llama {profile["student_layers"]} layers x {profile["student_hidden"]}, {profile["student_steps"]} steps each
-on the first {profile["train_examples"]} of those tasks (a labelled budget much smaller than the teacher's),
-same seed and data order; distilled ones use kd_rate 0.5 and temperature 2.0.
+on the first {profile["train_examples"]} of those tasks (a labelled budget much smaller than the teacher's);
+each objective trained with {len(profile["student_seeds"])} seed(s) (initialisation and data order, shared by all
+objectives); distilled ones use kd_rate 0.5 and temperature 2.0.
 Evaluation: {profile["test_examples"]} held-out tasks, sampling at temperature 1 with seeds {", ".join(map(str, profile["eval_seeds"]))},
-ROUGE-L (x100, max over references) and exact match (any reference).
+ROUGE-L (x100, max over references) and exact match (any reference); a student's score is the mean over
+its training seeds (each the mean over the sampling seeds), ± the std over training seeds (over sampling
+seeds for the teacher{" and for single-seed students" if len(profile["student_seeds"]) == 1 else ""}).
 
 {chr(10).join(rows)}
 
