@@ -489,7 +489,7 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict:
         )
         for mode, teacher_option in (
             ("online", {"teacher": str(teacher)}),
-            ("cached", {"teacher_cache": str(folder)}),
+            ("cached", {"teacher_cache": str(folder), "cache_tail": args.cache_tail}),
         ):
             name = f"{mode}-seed{seed}"
             print(f"quality: training ToDi student {name} ...", flush=True)
@@ -604,6 +604,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     parser.add_argument("--random-teacher", action="store_true", help="use the random SmolLM2-shaped teacher")
     parser.add_argument("--ks", default="16,64,256", help="storage: cache sizes k")
+    parser.add_argument(
+        "--cache-tail",
+        default="bucket",
+        choices=["bucket", "uniform"],
+        help="quality: todi distill --cache-tail",
+    )
     parser.add_argument("--max-examples", type=int, help="storage/throughput: examples cached (full 64)")
     parser.add_argument("--max-length", type=int, help="storage/throughput: tokens per example (full 256)")
     parser.add_argument("--max-prompt-length", type=int, help="storage/throughput: prompt tokens (full 128)")

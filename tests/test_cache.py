@@ -414,3 +414,66 @@ def test_sparse_kernel_compiles(monkeypatch):
     plain.loss.backward()
     torch.testing.assert_close(out.loss, plain.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-4)
+
+
+# ---- tail_mode="uniform": the tail mass spread evenly over the tokens outside the top k ---------
+
+
+def _uniform(sparse: SparseTeacher) -> SparseTeacher:
+    return SparseTeacher(
+        sparse.ids, sparse.logprobs, sparse.tail, sparse.vocab_size, sparse.tempered_tails, "uniform"
+    )
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "tvd", "todi"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_uniform_tail_matches_float64_reference(name, temperature):
+    hidden, weight, teacher, labels = _problem()
+    keep = labels != -100
+    k, v = 6, teacher.shape[1]
+    sparse = _uniform(SparseTeacher.from_logits(teacher[keep].float(), k, (2.0,)))
+    logits = hidden @ weight.T
+    p_t = torch.softmax(teacher[keep] / temperature, -1)
+    top = p_t.gather(-1, sparse.ids)
+    p = ((1 - top.sum(-1, keepdim=True)) / (v - k)).expand(-1, v).scatter(-1, sparse.ids, top)
+    q = torch.softmax(logits[keep] / temperature, -1)
+    ce = F.cross_entropy(logits[keep], labels[keep], reduction="sum")
+    expected = (0.5 * ce + 0.5 * _reference(name, p, q).sum()) / keep.sum()
+    got = sparse_distillation_loss(logits.float(), sparse, labels, divergence=name, temperature=temperature)
+    assert abs(float(got.loss) - float(expected)) < 1e-5
+
+
+@pytest.mark.parametrize("k", [7, 31])
+@pytest.mark.parametrize("name", ["todi", "fkl", "js", "akl"])
+def test_uniform_tail_fused_equals_materialised(name, k):
+    hidden, weight, teacher, labels = _problem(n=40, v=31)
+    keep = labels != -100
+    sparse = _uniform(SparseTeacher.from_logits(teacher[keep].float(), k, (2.0,)))
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    fused = fused_linear_distillation_loss(
+        h, w, None, None, labels, sparse_teacher=sparse, divergence=name, chunk_size=8
+    )
+    fused.loss.backward()
+    h2, w2 = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    plain = sparse_distillation_loss(h2 @ w2.T, sparse, labels, divergence=name)
+    plain.loss.backward()
+    torch.testing.assert_close(fused.loss, plain.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-4)
+    if k == 31:  # nothing to spread: the online loss
+        online = distillation_loss(
+            hidden.float() @ weight.float().T, teacher.float(), labels, divergence=name
+        )
+        torch.testing.assert_close(fused.loss, online.loss, atol=1e-5, rtol=1e-5)
+
+
+@needs_tokenizer
+def test_distill_with_uniform_tail(models, tmp_path, capsys):
+    assert _cache(models, tmp_path / "c", "--top-k", "16") == 0
+    base = ["distill", "--student", models["student"], "--data", models["data"], "--max-steps", "2", *TINY]
+    cached = [*base, "--teacher-cache", str(tmp_path / "c"), "--cache-tail", "uniform"]
+    assert cli.main([*cached, "--out", str(tmp_path / "r")]) == 0
+    assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "r"))
+    online = [*base, "--teacher", models["teacher"], "--cache-tail", "uniform", "--out", str(tmp_path / "r2")]
+    assert cli.main(online) == 2
+    assert "--cache-tail applies to --teacher-cache" in capsys.readouterr().err

@@ -342,6 +342,7 @@ def _concat(parts: list[SparseTeacher]) -> SparseTeacher:
         torch.cat([p.tail for p in parts]),
         first.vocab_size,
         {t: torch.cat([p.tempered_tails[t] for p in parts]) for t in first.tempered_tails},
+        first.tail_mode,
     )
 
 
@@ -389,10 +390,11 @@ class TeacherCache:
     """A built teacher cache, read lazily (memory-mapped shards): ``rows(example_indices)`` gives the
     :class:`SparseTeacher` rows of those examples, in order, for one batch."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, tail_mode: str = "bucket") -> None:
         from safetensors import safe_open
 
         self.path = Path(path)
+        self.tail_mode = tail_mode
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise TodiError(
@@ -485,6 +487,7 @@ class TeacherCache:
                     f.get_slice("tail")[a:b],
                     self.vocab_size,
                     {t: f.get_slice(_tail_key(t))[a:b] for t in self.temperatures},
+                    self.tail_mode,
                 )
             )
         return _concat(parts)

@@ -306,6 +306,11 @@ class DistillConfig(TrainConfig):
         "distil from a teacher cache written by `todi cache-teacher` instead of running --teacher "
         "(the dev loss is then the CE alone)",
     )
+    cache_tail: Literal["bucket", "uniform"] = _opt(
+        "bucket",
+        "with --teacher-cache: bucket = divergences on the k stored tokens + one tail bucket; uniform = on "
+        "all tokens, the teacher's tail mass spread evenly outside its top k (see docs/performance.md)",
+    )
     student: str = _opt("", "student to train (required): a local folder or a Hub id")
     teacher_lora: str | None = _opt(None, "PEFT adapter folder merged into the teacher when it loads")
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
@@ -341,6 +346,8 @@ class DistillConfig(TrainConfig):
         out = [] if self.student else ["--student is required"]
         if bool(self.teacher) == bool(self.teacher_cache):
             out.append("give exactly one of --teacher and --teacher-cache")
+        if self.cache_tail != "bucket" and not self.teacher_cache:
+            out.append("--cache-tail applies to --teacher-cache")
         if self.teacher_cache and self.teacher_lora:
             out.append("--teacher-lora applies to --teacher; a cache already holds the teacher's outputs")
         if not 0.0 <= self.kd_rate <= 1.0:
@@ -986,7 +993,7 @@ def train(config: TrainConfig) -> Path:
     if getattr(config, "teacher_cache", None):
         from todi.cache import TeacherCache
 
-        cache = TeacherCache(config.teacher_cache)
+        cache = TeacherCache(config.teacher_cache, tail_mode=config.cache_tail)
     if config.teacher_path:
         teacher_tokenizer = load_tokenizer(config.teacher_path, trust_remote_code=config.trust_remote_code)
         check_tokenizers(teacher_tokenizer, tokenizer)

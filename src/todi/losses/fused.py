@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from todi.divergences import Divergence, check_vocab, get_divergence, masked_log_probs, todi_weight
 from todi.losses.objective import LossOutput, check_objective, normaliser
-from todi.losses.sparse import SparseTeacher, check_sparse_rows
+from todi.losses.sparse import SparseTeacher, check_sparse_rows, spread_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
         teacher_bias: Tensor | None,
         teacher_ids: Tensor | None,
         teacher_bucket: Tensor | None,
+        spread_tail: bool,
         targets: Tensor,
         denom: Tensor,
         objective: _Objective,
@@ -263,6 +264,10 @@ class _FusedLinearDistillation(torch.autograd.Function):
             teacher: Tensor | tuple[Tensor, Tensor] | None = None
             if teacher_hidden is not None:
                 teacher = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias).float()
+            elif teacher_ids is not None and spread_tail:
+                # Dense teacher rows whose log-softmax at T is the spread distribution: the dense kernel.
+                dense = spread_bucket(teacher_ids[rows], teacher_bucket[rows], student_weight.shape[0])
+                teacher = dense * objective.temperature
             elif teacher_ids is not None:
                 teacher = (teacher_ids[rows], teacher_bucket[rows])
             ce, kd, weight, grad = _run_kernel(
@@ -299,7 +304,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         grads = [g if g is None else g * grad_loss.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
-        return (*grads, *[None] * 11)
+        return (*grads, *[None] * 12)
 
 
 def fused_linear_distillation_loss(
@@ -394,6 +399,7 @@ def fused_linear_distillation_loss(
         None if teacher_bias is None else teacher_bias.detach(),
         teacher_ids,
         teacher_bucket,
+        sparse_teacher is not None and sparse_teacher.tail_mode == "uniform",
         labels.index_select(0, rows),
         denom,
         objective,

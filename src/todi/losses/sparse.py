@@ -33,7 +33,16 @@ from todi.losses.objective import LossOutput, check_objective, normaliser
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SparseTeacher", "sparse_distillation_loss", "sparse_divergence", "student_bucket_log_probs"]
+__all__ = [
+    "TAIL_MODES",
+    "SparseTeacher",
+    "sparse_distillation_loss",
+    "sparse_divergence",
+    "spread_bucket",
+    "student_bucket_log_probs",
+]
+
+TAIL_MODES = ("bucket", "uniform")
 
 _warned_temperatures: set[float] = set()
 
@@ -51,6 +60,9 @@ class SparseTeacher:
     tail: Tensor  # [N] float32 log(1 - sum_k p_v); -inf when nothing is left
     vocab_size: int
     tempered_tails: dict[float, Tensor] = field(default_factory=dict)  # T -> [N] log sum_tail p_v^(1/T)
+    # "bucket": divergences on k + 1 outcomes; "uniform": on all V tokens, the teacher's tail mass (at the
+    # distillation temperature) spread evenly over the tokens outside its top k.
+    tail_mode: str = "bucket"
 
     def __post_init__(self) -> None:
         if (
@@ -64,6 +76,8 @@ class SparseTeacher:
             )
         if self.k > self.vocab_size:
             raise ValueError(f"k = {self.k} stored tokens exceed the vocabulary of {self.vocab_size}")
+        if self.tail_mode not in TAIL_MODES:
+            raise ValueError(f"tail_mode must be one of {', '.join(TAIL_MODES)}, got {self.tail_mode!r}")
 
     @classmethod
     def from_logits(cls, logits: Tensor, k: int, temperatures: tuple[float, ...] = (2.0,)) -> SparseTeacher:
@@ -99,6 +113,7 @@ class SparseTeacher:
             self.tail.to(device),
             self.vocab_size,
             {t: v.to(device) for t, v in self.tempered_tails.items()},
+            self.tail_mode,
         )
 
     def tail_at(self, temperature: float) -> Tensor:
@@ -128,6 +143,17 @@ class SparseTeacher:
         if self.has_tail:
             columns = torch.cat([columns, self.tail_at(temperature).to(dtype).unsqueeze(1)], dim=1)
         return F.log_softmax(columns, dim=-1)
+
+
+def spread_bucket(ids: Tensor, bucket: Tensor, vocab_size: int) -> Tensor:
+    """``[N, V]`` teacher log-probs from bucket log-probs: the k stored tokens keep theirs, the tail
+    bucket's mass is shared evenly by the other ``V - k`` tokens (``tail_mode="uniform"``)."""
+    k = ids.shape[-1]
+    if bucket.shape[-1] == k:  # k = V: nothing to spread
+        empty = torch.full((ids.shape[0], vocab_size), -math.inf, dtype=bucket.dtype, device=bucket.device)
+        return empty.scatter(-1, ids, bucket)
+    spread = bucket[:, k:] - math.log(vocab_size - k)
+    return spread.expand(-1, vocab_size).scatter(-1, ids, bucket[:, :k])
 
 
 def student_bucket_log_probs(scaled_logits: Tensor, ids: Tensor, with_tail: bool) -> Tensor:
@@ -194,7 +220,12 @@ def sparse_distillation_loss(
     if teacher is not None:
         check_sparse_rows(teacher, int(num_tokens), vocab)
         bucket = teacher.bucket_log_probs(temperature)
-        per_row, ls, lt = sparse_divergence(entry, student, teacher.ids, bucket, temperature, resolved)
+        if teacher.tail_mode == "uniform":
+            dense = spread_bucket(teacher.ids, bucket, vocab).to(student.dtype)
+            ls, lt = masked_log_probs(student / temperature, dense)
+            per_row = entry.fn(ls, lt, **resolved)
+        else:
+            per_row, ls, lt = sparse_divergence(entry, student, teacher.ids, bucket, temperature, resolved)
         kd_sum = per_row.sum()
         if entry.name == "todi":
             weight = todi_weight(ls, lt, resolved["beta"]).sum() / num_tokens.clamp_min(1)
