@@ -14,8 +14,11 @@ built (``todi cache-teacher --temperatures``; the paper's 2.0 by default). At an
 taken as spread evenly over its ``V - k`` tokens, which overestimates the bucket for T > 1 (the even
 spread maximises the power sum); a warning says so.
 
-What the approximation loses: differences *inside* the tail. With k = V there is no bucket and the
-result equals the online loss exactly (tested).
+What the approximation loses: differences *inside* the tail, which matter at T = 2, where tempering
+moves much of the teacher's mass into the tail (docs/performance.md measures the cost). With
+``tail_mode="uniform"`` the tail mass is instead spread evenly over the ``V - k`` other tokens and the
+divergence runs on all V tokens (the dense kernel), so the student's tail gets a gradient. With k = V
+there is no tail and either mode equals the online loss exactly (tested).
 """
 
 from __future__ import annotations
