@@ -988,12 +988,12 @@ def train(config: TrainConfig) -> Path:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     run_dir = Path(config.out)
     _check_run_dir(run_dir, config, world)
-    tokenizer = load_tokenizer(config.student_path, trust_remote_code=config.trust_remote_code)
     cache = None
     if getattr(config, "teacher_cache", None):
         from todi.cache import TeacherCache
 
         cache = TeacherCache(config.teacher_cache, tail_mode=config.cache_tail)
+    tokenizer = load_tokenizer(config.student_path, trust_remote_code=config.trust_remote_code)
     if config.teacher_path:
         teacher_tokenizer = load_tokenizer(config.teacher_path, trust_remote_code=config.trust_remote_code)
         check_tokenizers(teacher_tokenizer, tokenizer)
