@@ -47,8 +47,8 @@ def per_position_shares(
     model's cross-entropy (per position) on them."""
     from todi.cache import TeacherCache
     from todi.data import DataCollator, encode_examples, ensure_pad_token, load_examples
-    from todi.divergences import get_divergence, todi_weight
-    from todi.losses.sparse import sparse_divergence
+    from todi.divergences import todi_weight
+    from todi.losses.sparse import sparse_log_probs
     from todi.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(str(model_dir))
@@ -63,7 +63,7 @@ def per_position_shares(
         max_prompt_length=config["max_prompt_length"],
     )
     model = load_causal_lm(str(model_dir)).eval()
-    entry, shares, nll = get_divergence("todi"), [], []
+    shares, nll = [], []
     collate = DataCollator(pad)
     with torch.no_grad():
         for i, example in enumerate(encoded):
@@ -75,11 +75,7 @@ def per_position_shares(
                     logits[keep], batch["labels"][0, 1:][keep], reduction="none"
                 )
             )
-            rows = cache.rows([i])
-            bucket = rows.bucket_log_probs(config["temperature"])
-            _, ls, lt = sparse_divergence(
-                entry, logits[keep], rows.ids, bucket, config["temperature"], {"beta": 1.0}
-            )
+            ls, lt = sparse_log_probs(logits[keep], cache.rows([i]), config["temperature"])
             shares.append(todi_weight(ls, lt, 1.0))
     return torch.cat(shares), float(torch.cat(nll).mean())
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from todi.data import DataError
 from todi.errors import TodiError, UsageError
 from todi.losses.sparse import SparseTeacher
+from todi.report import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -164,16 +165,6 @@ def _file_hash(path: Path | None) -> str | None:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _supervised(example: dict[str, list[int]]) -> int:
-    return sum(1 for label in example["labels"][1:] if label != -100)
-
-
 # --------------------------------------------------------------------------------------------------
 # Building
 # --------------------------------------------------------------------------------------------------
@@ -181,7 +172,14 @@ def _supervised(example: dict[str, list[int]]) -> int:
 
 def build_cache(config: Config) -> Path:
     """Build (or finish building) the cache in ``config.out``; returns the folder."""
-    from todi.data import DataCollator, encode_examples, ensure_pad_token, load_examples, shared_vocab_size
+    from todi.data import (
+        DataCollator,
+        encode_examples,
+        ensure_pad_token,
+        load_examples,
+        shared_vocab_size,
+        supervised_positions,
+    )
     from todi.losses.causal_lm import final_hidden_states, output_head, shift_labels
     from todi.losses.fused import auto_chunk_size
     from todi.models import freeze, load_causal_lm, load_tokenizer, resolve_dtype
@@ -201,7 +199,7 @@ def build_cache(config: Config) -> Path:
         max_length=config.max_length,
     )
     digests = [example_digest(e) for e in encoded]
-    rows = [_supervised(e) for e in encoded]
+    rows = [supervised_positions(e) for e in encoded]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_causal_lm(
         config.teacher,
@@ -276,10 +274,10 @@ def build_cache(config: Config) -> Path:
                     pieces.append(
                         SparseTeacher.from_logits(logits, config.top_k, tuple(temperatures)).to("cpu")
                     )
-            teacher_rows = _concat(pieces)
+            teacher_rows = SparseTeacher.cat(pieces)
             offset = 0
             for i in batch_ids:
-                parts[i] = _slice(teacher_rows, offset, offset + rows[i])
+                parts[i] = teacher_rows.slice(offset, offset + rows[i])
                 offset += rows[i]
             progress.update(offset)
         _write_shard(
@@ -288,7 +286,7 @@ def build_cache(config: Config) -> Path:
     progress.close()
     manifest = {**spec, "complete": True, "bytes": sum((out / s["file"]).stat().st_size for s in shards)}
     manifest["bytes_per_position"] = manifest["bytes"] / max(1, spec["supervised_positions"])
-    _write_json(out / MANIFEST, manifest)
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     logger.info(
         "teacher cache %s: %d examples, %d positions, %.1f MiB (%.0f bytes per position), %.0f s",
         out,
@@ -331,29 +329,7 @@ def _prepare_out(out: Path, spec: dict[str, Any], overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".tmp-*"):
         stale.unlink()
-    _write_json(manifest_path, {**spec, "complete": False})
-
-
-def _concat(parts: list[SparseTeacher]) -> SparseTeacher:
-    first = parts[0]
-    return SparseTeacher(
-        torch.cat([p.ids for p in parts]),
-        torch.cat([p.logprobs for p in parts]),
-        torch.cat([p.tail for p in parts]),
-        first.vocab_size,
-        {t: torch.cat([p.tempered_tails[t] for p in parts]) for t in first.tempered_tails},
-        first.tail_mode,
-    )
-
-
-def _slice(rows: SparseTeacher, start: int, end: int) -> SparseTeacher:
-    return SparseTeacher(
-        rows.ids[start:end],
-        rows.logprobs[start:end],
-        rows.tail[start:end],
-        rows.vocab_size,
-        {t: v[start:end] for t, v in rows.tempered_tails.items()},
-    )
+    write_text_atomic(manifest_path, json.dumps({**spec, "complete": False}, indent=2) + "\n")
 
 
 def _tail_key(temperature: float) -> str:
@@ -363,7 +339,7 @@ def _tail_key(temperature: float) -> str:
 def _write_shard(path: Path, parts: list[SparseTeacher], digests: list[int], spec: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    merged = _concat(parts)
+    merged = SparseTeacher.cat(parts)
     ids = merged.ids - _ID_OFFSET if spec["id_encoding"].startswith("int16") else merged.ids
     tensors = {
         "digests": torch.tensor(digests, dtype=torch.int64),
@@ -490,4 +466,4 @@ class TeacherCache:
                     self.tail_mode,
                 )
             )
-        return _concat(parts)
+        return SparseTeacher.cat(parts)

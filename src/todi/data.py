@@ -537,6 +537,11 @@ def encode_prompt(
     return _prompt_part(prompt_ids, bos, max_prompt_length)[0]
 
 
+def supervised_positions(example: dict[str, list[int]]) -> int:
+    """Loss positions of an encoded example: labels after the shift (position 0 predicts nothing)."""
+    return sum(1 for label in example["labels"][1:] if label != -100)
+
+
 def ensure_pad_token(tokenizer: Any) -> int:
     """The pad id for the collator: the tokenizer's own, else EOS (padding is masked, so any id works)."""
     if tokenizer.pad_token_id is not None:

@@ -76,6 +76,7 @@ from todi.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from todi.data import supervised_positions
 from todi.divergences import DIVERGENCES, get_divergence
 from todi.errors import UsageError
 from todi.losses.sparse import SparseTeacher
@@ -827,11 +828,6 @@ def _load_data(config: TrainConfig, tokenizer: Any) -> tuple[list[dict], list[An
     return train_set, dev_examples, dev_set
 
 
-def _supervised(example: dict[str, list[int]]) -> int:
-    """Loss positions of an example: labels after the shift (position 0 has no prediction)."""
-    return sum(1 for label in example["labels"][1:] if label != -100)
-
-
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only (not on norms and biases), the usual choice for transformers."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -868,7 +864,7 @@ def _evaluate(
     with _keep_rng(), torch.no_grad():
         order = sorted(range(len(dev_set)), key=lambda i: -len(dev_set[i]["input_ids"]))
         batches = [order[s : s + config.batch_size] for s in range(0, len(order), config.batch_size)]
-        total = sum(_supervised(example) for example in dev_set)
+        total = sum(supervised_positions(example) for example in dev_set)
         mine = batches[rank::world]
         rounds = math.ceil(len(batches) / world)
         sums = [0.0, 0.0, 0.0]
@@ -1012,7 +1008,7 @@ def train(config: TrainConfig) -> Path:
             data=config.data,
         )
     lengths = [len(example["input_ids"]) for example in train_set]
-    supervised = [_supervised(example) for example in train_set]
+    supervised = [supervised_positions(example) for example in train_set]
     micro_per_step = config.grad_accum * world
     plan_options = {
         "batch_size": config.batch_size,

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from todi.divergences import check_vocab, get_divergence, log_probs, todi_weight
+
+if TYPE_CHECKING:
+    from todi.losses.sparse import SparseTeacher
 
 __all__ = ["LossOutput", "check_objective", "distillation_loss", "normaliser"]
 
@@ -54,7 +58,7 @@ def normaliser(num_tokens: Tensor, num_items_in_batch: int | Tensor | None) -> T
 
 def distillation_loss(
     student_logits: Tensor,
-    teacher_logits: Tensor | None,
+    teacher_logits: Tensor | SparseTeacher | None,
     labels: Tensor,
     *,
     divergence: str = "todi",
@@ -68,7 +72,8 @@ def distillation_loss(
 
     Args:
         student_logits: ``[..., V]`` student logits, aligned with ``labels`` (already shifted).
-        teacher_logits: ``[..., V]`` teacher logits; may be None when ``kd_rate == 0`` (plain SFT).
+        teacher_logits: ``[..., V]`` teacher logits; may be None when ``kd_rate == 0`` (plain SFT); or
+            a :class:`todi.losses.SparseTeacher` holding one row per supervised position (a teacher cache).
         labels: ``[...]`` target ids; positions equal to ``ignore_index`` contribute nothing.
         divergence: a name from :data:`todi.divergences.DIVERGENCES`.
         kd_rate: weight of the divergence; CE is taken at temperature 1.
@@ -85,7 +90,10 @@ def distillation_loss(
     resolved = entry.resolve(params)
     if teacher_logits is None and kd_rate > 0:
         raise ValueError("teacher_logits is None but kd_rate > 0; pass teacher logits or set kd_rate=0")
-    if teacher_logits is not None:
+    from todi.losses.sparse import SparseTeacher, sparse_log_probs  # sparse builds on this module
+
+    sparse = isinstance(teacher_logits, SparseTeacher)
+    if teacher_logits is not None and not sparse:
         check_vocab(student_logits.shape, teacher_logits.shape)
     if labels.shape != student_logits.shape[:-1]:
         raise ValueError(
@@ -105,8 +113,10 @@ def distillation_loss(
     ce_sum = F.cross_entropy(student.to(math_dtype), targets, reduction="sum") if kd_rate < 1 else zero
     kd_sum, weight = zero, None
     if teacher_logits is not None:
-        teacher = teacher_logits.reshape(-1, vocab)[keep]
-        ls, lt = log_probs(student, teacher, temperature)
+        if sparse:
+            ls, lt = sparse_log_probs(student, teacher_logits, temperature)
+        else:
+            ls, lt = log_probs(student, teacher_logits.reshape(-1, vocab)[keep], temperature)
         per_position = entry.fn(ls, lt, **resolved)
         kd_sum = per_position.sum()
         if divergence == "todi":

@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from todi.divergences import Divergence, get_divergence, masked_log_probs, todi_weight
-from todi.losses.objective import LossOutput, check_objective, normaliser
+from todi.divergences import masked_log_probs
+from todi.losses.objective import LossOutput, distillation_loss
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ __all__ = [
     "TAIL_MODES",
     "SparseTeacher",
     "sparse_distillation_loss",
-    "sparse_divergence",
+    "sparse_log_probs",
     "spread_bucket",
     "student_bucket_log_probs",
 ]
@@ -109,14 +111,31 @@ class SparseTeacher:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def to(self, device: torch.device | str) -> SparseTeacher:
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> SparseTeacher:
+        """The same rows with ``fn`` applied to every per-row tensor."""
+        tails = {t: fn(v) for t, v in self.tempered_tails.items()}
         return SparseTeacher(
-            self.ids.to(device),
-            self.logprobs.to(device),
-            self.tail.to(device),
-            self.vocab_size,
-            {t: v.to(device) for t, v in self.tempered_tails.items()},
-            self.tail_mode,
+            fn(self.ids), fn(self.logprobs), fn(self.tail), self.vocab_size, tails, self.tail_mode
+        )
+
+    def to(self, device: torch.device | str) -> SparseTeacher:
+        return self.apply(lambda t: t.to(device))
+
+    def slice(self, start: int, end: int) -> SparseTeacher:
+        """Rows ``start`` to ``end`` (exclusive)."""
+        return self.apply(lambda t: t[start:end])
+
+    @classmethod
+    def cat(cls, parts: list[SparseTeacher]) -> SparseTeacher:
+        """The rows of ``parts`` one after the other (same vocabulary, temperatures and tail mode)."""
+        first = parts[0]
+        return cls(
+            torch.cat([p.ids for p in parts]),
+            torch.cat([p.logprobs for p in parts]),
+            torch.cat([p.tail for p in parts]),
+            first.vocab_size,
+            {t: torch.cat([p.tempered_tails[t] for p in parts]) for t in first.tempered_tails},
+            first.tail_mode,
         )
 
     def tail_at(self, temperature: float) -> Tensor:
@@ -169,77 +188,30 @@ def student_bucket_log_probs(scaled_logits: Tensor, ids: Tensor, with_tail: bool
     return torch.cat([top, torch.logsumexp(rest, dim=-1, keepdim=True) - lse], dim=-1)
 
 
-def sparse_divergence(
-    entry: Divergence,
-    student_logits: Tensor,
-    ids: Tensor,
-    teacher_bucket: Tensor,
-    temperature: float,
-    params: dict[str, float],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(divergence per row, student bucket log-probs, teacher bucket log-probs) on the k + 1 outcomes.
-
-    ``teacher_bucket`` comes from :meth:`SparseTeacher.bucket_log_probs`; a width of k + 1 means a tail
-    bucket. Non-finite entries (an empty or underflowed tail) leave both distributions, as in the dense
-    divergences.
-    """
-    with_tail = teacher_bucket.shape[-1] > ids.shape[-1]
-    if student_logits.dtype != torch.float64:
-        student_logits = student_logits.float()
-    student = student_bucket_log_probs(student_logits / temperature, ids, with_tail)
-    ls, lt = masked_log_probs(student, teacher_bucket.to(student.dtype))
-    return entry.fn(ls, lt, **params), ls, lt
+def sparse_log_probs(student: Tensor, teacher: SparseTeacher, temperature: float) -> tuple[Tensor, Tensor]:
+    """(student, teacher) log-probs that the divergence compares, from ``[N, V]`` student logits of the
+    teacher's N rows: over the k + 1 bucket outcomes, or over all V tokens with ``tail_mode="uniform"``."""
+    check_sparse_rows(teacher, student.shape[0], student.shape[-1])
+    bucket = teacher.bucket_log_probs(temperature)
+    student = student if student.dtype == torch.float64 else student.float()
+    if teacher.tail_mode == "uniform":
+        dense = spread_bucket(teacher.ids, bucket, student.shape[-1]).to(student.dtype)
+        return masked_log_probs(student / temperature, dense)
+    with_tail = bucket.shape[-1] > teacher.k
+    student_bucket = student_bucket_log_probs(student / temperature, teacher.ids, with_tail)
+    return masked_log_probs(student_bucket, bucket.to(student_bucket.dtype))
 
 
 def sparse_distillation_loss(
     student_logits: Tensor,
     teacher: SparseTeacher | None,
     labels: Tensor,
-    *,
-    divergence: str = "todi",
-    kd_rate: float = 0.5,
-    temperature: float = 2.0,
-    ignore_index: int = -100,
-    num_items_in_batch: int | Tensor | None = None,
-    **params: float,
+    **options: Any,
 ) -> LossOutput:
-    """:func:`todi.losses.distillation_loss` with a sparse teacher: ``teacher`` holds one row per
-    supervised position of ``labels`` (in flattened order); the student's logits are full ``[..., V]``."""
-    check_objective(kd_rate, temperature)
-    entry = get_divergence(divergence)
-    resolved = entry.resolve(params)
-    if teacher is None and kd_rate > 0:
-        raise ValueError("teacher is None but kd_rate > 0; pass the sparse teacher or set kd_rate=0")
-    vocab = student_logits.shape[-1]
-    keep = (labels != ignore_index).reshape(-1)
-    num_tokens = keep.sum()
-    denom = normaliser(num_tokens, num_items_in_batch)
-    student = student_logits.reshape(-1, vocab)[keep]
-    student = student.double() if student.dtype == torch.float64 else student.float()
-    targets = labels.reshape(-1)[keep]
-    zero = student.new_zeros(())
-    ce_sum = F.cross_entropy(student, targets, reduction="sum") if kd_rate < 1 else zero
-    kd_sum, weight = zero, None
-    if teacher is not None:
-        check_sparse_rows(teacher, int(num_tokens), vocab)
-        bucket = teacher.bucket_log_probs(temperature)
-        if teacher.tail_mode == "uniform":
-            dense = spread_bucket(teacher.ids, bucket, vocab).to(student.dtype)
-            ls, lt = masked_log_probs(student / temperature, dense)
-            per_row = entry.fn(ls, lt, **resolved)
-        else:
-            per_row, ls, lt = sparse_divergence(entry, student, teacher.ids, bucket, temperature, resolved)
-        kd_sum = per_row.sum()
-        if entry.name == "todi":
-            weight = todi_weight(ls, lt, resolved["beta"]).sum() / num_tokens.clamp_min(1)
-    loss = ((1.0 - kd_rate) * ce_sum + kd_rate * kd_sum) / denom
-    return LossOutput(
-        loss=loss,
-        ce=(ce_sum / denom).detach(),
-        kd=(kd_sum / denom).detach(),
-        num_tokens=int(num_tokens),
-        todi_weight=weight,
-    )
+    """:func:`todi.losses.distillation_loss` with a sparse teacher (the same options): ``teacher`` holds
+    one row per supervised position of ``labels`` (in flattened order); the student's logits are full
+    ``[..., V]``."""
+    return distillation_loss(student_logits, teacher, labels, **options)
 
 
 def check_sparse_rows(teacher: SparseTeacher, rows: int, vocab: int) -> None:
