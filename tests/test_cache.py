@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tiny import GPT2_DIR
+from tiny import gpt2_tokenizer as _tokenizer
+from tiny import save_llama as _save_llama
+from tiny import write_data as _write_data
 from todi import cli
 from todi.divergences import DIVERGENCES
 from todi.losses import (
@@ -22,11 +24,6 @@ from todi.losses import (
     sparse_distillation_loss,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TODI_DATA", REPO.parent / "shared" / "data"))
-GPT2_DIR = DATA.parent / "tokenizers" / "gpt2"
-TEXT = "the a cat dog runs fast slow blue red green tree house river sky sun moon star light dark big"
-WORDS = TEXT.split()
 TINY = ["--batch-size", "4", "--max-length", "64", "--max-prompt-length", "32", "--report-to", "none"]
 
 
@@ -216,50 +213,6 @@ def test_row_count_mismatch_is_refused():
 needs_tokenizer = pytest.mark.skipif(not GPT2_DIR.is_dir(), reason=f"GPT-2 tokenizer not found at {GPT2_DIR}")
 
 
-def _tokenizer():
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(GPT2_DIR)
-    tokenizer.eos_token = tokenizer.bos_token = "<|endoftext|>"  # the bare tokenizer.json names none
-    return tokenizer
-
-
-def _save_llama(path: Path, tokenizer, hidden: int, seed: int) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    eos = tokenizer.eos_token_id
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def _write_data(path: Path, n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    with path.open("w", encoding="utf-8") as file:
-        for _ in range(n):
-            record = {
-                "instruction": " ".join(rng.choices(WORDS, k=rng.randint(3, 8))),
-                "input": "",
-                "output": " ".join(rng.choices(WORDS, k=rng.randint(2, 12))),
-            }
-            file.write(json.dumps(record) + "\n")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     if not GPT2_DIR.is_dir():
@@ -267,10 +220,10 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache-models")
     tokenizer = _tokenizer()
     return {
-        "teacher": _save_llama(root / "teacher", tokenizer, 64, seed=1),
-        "student": _save_llama(root / "student", tokenizer, 32, seed=2),
-        "data": _write_data(root / "train.jsonl", 24, seed=3),
-        "other": _write_data(root / "other.jsonl", 24, seed=4),
+        "teacher": str(_save_llama(root / "teacher", tokenizer, 64, seed=1)),
+        "student": str(_save_llama(root / "student", tokenizer, 32, seed=2)),
+        "data": str(_write_data(root / "train.jsonl", 24, seed=3)),
+        "other": str(_write_data(root / "other.jsonl", 24, seed=4)),
     }
 
 

@@ -22,6 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tiny import DATA, GPT2_DIR
+from tiny import gpt2_tokenizer as _tokenizer
+from tiny import save_llama as _save_llama
+from tiny import write_data as _write_data
 from todi import cli
 from todi.checkpoint import (
     TrainerState,
@@ -33,9 +37,6 @@ from todi.checkpoint import (
 )
 from todi.training import DistillConfig, SFTConfig, cosine_schedule, epoch_plan
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TODI_DATA", REPO.parent / "shared" / "data"))
-GPT2_DIR = DATA.parent / "tokenizers" / "gpt2"
 DOLLY = DATA / "dolly"
 
 pytestmark = pytest.mark.skipif(not GPT2_DIR.is_dir(), reason=f"GPT-2 tokenizer not found at {GPT2_DIR}")
@@ -46,38 +47,6 @@ pytestmark = pytest.mark.skipif(not GPT2_DIR.is_dir(), reason=f"GPT-2 tokenizer 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 ENV["TODI_COMPILE"] = "0"
 TINY = ["--batch-size", "4", "--max-length", "64", "--max-prompt-length", "32", "--report-to", "none"]
-TEXT = "the a cat dog runs fast slow blue red green tree house river sky sun moon star light dark big"
-
-
-def _tokenizer():
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(GPT2_DIR)
-    tokenizer.eos_token = tokenizer.bos_token = "<|endoftext|>"  # the bare tokenizer.json names none
-    return tokenizer
-
-
-def _save_llama(path: Path, tokenizer, hidden: int, seed: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    eos = tokenizer.eos_token_id
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _save_gpt2(path: Path, tokenizer, hidden: int, seed: int) -> Path:
@@ -88,19 +57,6 @@ def _save_gpt2(path: Path, tokenizer, hidden: int, seed: int) -> Path:
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=2, n_head=4, n_positions=256)
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
-
-
-def _write_data(path: Path, n: int, seed: int) -> Path:
-    rng, words = random.Random(seed), TEXT.split()
-    with path.open("w", encoding="utf-8") as file:
-        for _ in range(n):
-            record = {
-                "instruction": " ".join(rng.choices(words, k=rng.randint(3, 10))),
-                "input": " ".join(rng.choices(words, k=rng.randint(0, 5))),
-                "output": " ".join(rng.choices(words, k=rng.randint(2, 16))),
-            }
-            file.write(json.dumps(record) + "\n")
     return path
 
 

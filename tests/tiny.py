@@ -1,0 +1,60 @@
+"""Tiny models and data shared by test modules (the GPT-2 tokenizer from the shared folder, a 2-layer
+Llama, random instruction records); importable because pytest puts this folder on sys.path."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TODI_DATA", REPO.parent / "shared" / "data"))
+GPT2_DIR = DATA.parent / "tokenizers" / "gpt2"
+TEXT = "the a cat dog runs fast slow blue red green tree house river sky sun moon star light dark big"
+
+
+def gpt2_tokenizer():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(GPT2_DIR)
+    tokenizer.eos_token = tokenizer.bos_token = "<|endoftext|>"  # the bare tokenizer.json names none
+    return tokenizer
+
+
+def save_llama(path: Path, tokenizer, hidden: int, seed: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_data(path: Path, n: int, seed: int) -> Path:
+    rng, words = random.Random(seed), TEXT.split()
+    with path.open("w", encoding="utf-8") as file:
+        for _ in range(n):
+            record = {
+                "instruction": " ".join(rng.choices(words, k=rng.randint(3, 10))),
+                "input": " ".join(rng.choices(words, k=rng.randint(0, 5))),
+                "output": " ".join(rng.choices(words, k=rng.randint(2, 16))),
+            }
+            file.write(json.dumps(record) + "\n")
+    return path
