@@ -729,3 +729,26 @@ def test_compiled_kernel_matches_materialised(name, with_bias, caplog):
     assert_same_output(out, ref)
     assert_same_output(eval_out, ref)
     assert_same_grads(grads, ref_grads)
+
+
+def test_more_kernel_variants_than_dynamos_default_limit_all_compile(monkeypatch):
+    # Dynamo keeps at most 8 graphs per function by default and runs further variants of it eagerly,
+    # silently; 8 divergences x (train, eval) in one process (todi demo --all) are 16 variants. The "eager"
+    # backend traces with dynamo (where the limit lives) without inductor's slow code generation.
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(fused_mod.torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    monkeypatch.setattr(fused_mod, "_COMPILED", {})
+    torch._dynamo.reset()
+    inputs = make_inputs(30, num_ignored=2, seed=21)
+    for name in DIVERGENCES:
+        for grad in (True, False):
+            graphs = counters["stats"]["unique_graphs"]
+            with torch.set_grad_enabled(grad):
+                out, _ = run_fused(inputs, backward=grad, chunk_size=8, compile=True, divergence=name)
+            assert counters["stats"]["unique_graphs"] > graphs, f"{name} (grad {grad}) ran eagerly"
+            ref, _ = run_reference(inputs, backward=False, divergence=name)
+            assert_same_output(out, ref)
+    assert len(fused_mod._COMPILED) == 2 * len(DIVERGENCES)
+    torch._dynamo.reset()

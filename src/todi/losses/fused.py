@@ -184,6 +184,15 @@ def _use_compile(compile: bool | None, full_chunks: int) -> bool:
     return full_chunks >= 4
 
 
+def _recompile_limit(variants: int) -> Any:
+    """Room for every kernel variant compiled so far. Each objective, grad mode and chunk shape is its own
+    graph of the same function, and past dynamo's per-function limit (8 by default) it would silently run
+    the newest ones eagerly: after 8 objectives in one process, say (``todi demo --all``)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(getattr(config, name), variants)})
+
+
 def _run_kernel(
     z: Tensor,
     teacher: Tensor | tuple[Tensor, Tensor] | None,
@@ -205,7 +214,8 @@ def _run_kernel(
         if compiled_kernel is None:
             compiled_kernel = _COMPILED[key] = torch.compile(kernel, dynamic=False)
         try:
-            return compiled_kernel(*args)
+            with _recompile_limit(len(_COMPILED)):
+                return compiled_kernel(*args)
         except Exception as err:  # a backend without a compiler must not stop training
             _COMPILE_FAILED.add(key)
             logger.warning("torch.compile of the fused loss failed (%s); running it eagerly", err)
