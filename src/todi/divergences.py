@@ -237,7 +237,8 @@ def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, mu: float = 0.5) -> 
     only the item straddling mu.)"""
     p, q = teacher_logp.exp(), student_logp.exp()
     with torch.no_grad():
-        p_sorted, order = p.sort(dim=-1)
+        # Stable: tied p (a spread tail) split at mu by vocabulary order on every device, not by chance.
+        p_sorted, order = p.sort(dim=-1, stable=True)
         gap = (p_sorted - q.gather(-1, order)).abs()
         tail = p_sorted.cumsum(-1) <= mu
         g_tail = (gap * tail).sum(-1)
