@@ -1,18 +1,26 @@
 """Forward + backward time and peak memory of the distillation loss on the output head.
 
-Cases (float32, CPU by default), each measured in a fresh subprocess so that peak memory is its own:
+Cases (float32 on the CPU by default; --device cuda, --dtype bfloat16), each measured in a fresh subprocess
+so that peak memory is its own:
   naive-todi   materialised [N, V] logits for both models, then ToDi + CE as the ToDi authors' code does
   fused-todi   todi.losses.fused_linear_distillation_loss(divergence="todi")
   fused-fkl    the same with divergence="fkl"
   liger-fkl    Liger-Kernel's chunked LigerFusedLinearJSDLoss with beta=0 (forward KL), the peer
+               (compiled=False on the CPU; its default compiled path on CUDA; recorded as skipped when
+               liger_kernel cannot be imported)
   floor        only the four matrix products the loss cannot avoid: student and teacher logits,
                grad of the hidden states and grad of the head weight
 
-Time: median of --repeats runs after --warmup runs. Peak memory: the process's peak resident set size
-above the resident size just after the inputs were built (ru_maxrss, kB -> MiB).
+Time: median of --repeats runs after --warmup runs. Peak memory: on the CPU the process's peak resident
+set size above the resident size just after the inputs were built (ru_maxrss, kB -> MiB); on CUDA
+torch.cuda.max_memory_allocated() (peak stats reset once the inputs exist) minus the memory allocated then.
+On CUDA every timed run is bracketed by torch.cuda.synchronize(). The JSON is rewritten after every case;
+each record names the device, its name, the dtype and the torch version; a case that fails, times out
+(--case-timeout) or is skipped is recorded with an "error" or "skipped" reason.
 
     python benchmarks/loss_bench.py                       # the full table, writes benchmarks/results/loss_bench.json
     python benchmarks/loss_bench.py --sizes 1024 --shapes smollm2 --repeats 3
+    python benchmarks/loss_bench.py --device cuda --dtype bfloat16   # N = 4096, 16384; loss_bench_cuda.json
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -30,6 +39,9 @@ from pathlib import Path
 SHAPES = {"smollm2": (576, 49152), "gpt2": (768, 50257)}
 CASES = ("naive-todi", "fused-todi", "fused-fkl", "liger-fkl", "floor")
 KD_RATE, TEMPERATURE = 0.5, 2.0
+DEFAULT_SIZES = {"cpu": "1024,4096", "cuda": "4096,16384"}
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_OUT = {"cpu": RESULTS / "loss_bench.json", "cuda": RESULTS / "loss_bench_cuda.json"}
 
 
 def _peak_rss_mib() -> float:
@@ -62,18 +74,48 @@ def _naive_todi(hs, ws, ht, wt, labels):
 
 
 def _run_case(
-    case: str, n: int, hidden: int, vocab: int, warmup: int, repeats: int, chunk: int | None
+    case: str,
+    n: int,
+    hidden: int,
+    vocab: int,
+    warmup: int,
+    repeats: int,
+    chunk: int | None,
+    device: str = "cpu",
+    dtype_name: str = "float32",
 ) -> dict:
     import torch
 
+    dtype = getattr(torch, dtype_name)
+    cuda = device == "cuda"
+    info = {
+        "case": case,
+        "n": n,
+        "hidden": hidden,
+        "vocab": vocab,
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
+        "dtype": dtype_name,
+        "torch": torch.__version__,
+    }
+
+    def place(t):  # the same values on every device: drawn on the CPU in float32, then moved
+        return t if device == "cpu" and dtype == torch.float32 else t.to(device=device, dtype=dtype)
+
     torch.manual_seed(0)
-    hs = (torch.randn(n, hidden) * 0.5).requires_grad_()
-    ws = (torch.randn(vocab, hidden) * hidden**-0.5).requires_grad_()
-    ht = torch.randn(n, hidden) * 0.5
-    wt = torch.randn(vocab, hidden) * hidden**-0.5
+    hs = place(torch.randn(n, hidden) * 0.5).requires_grad_()
+    ws = place(torch.randn(vocab, hidden) * hidden**-0.5).requires_grad_()
+    ht = place(torch.randn(n, hidden) * 0.5)
+    wt = place(torch.randn(vocab, hidden) * hidden**-0.5)
     labels = torch.randint(0, vocab, (n,))
     labels[: n // 8] = -100  # a prompt share, as in instruction data
-    base = _peak_rss_mib()
+    labels = labels.to(device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _peak_rss_mib()
 
     if case == "naive-todi":
 
@@ -101,14 +143,19 @@ def _run_case(
             return out.loss
 
     elif case == "liger-fkl":
-        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        except Exception as err:  # not installed, or built for another torch / triton
+            return {**info, "skipped": f"liger_kernel not importable: {type(err).__name__}: {err}"}
 
+        # The CPU has no Triton: compiled=False there; on CUDA Liger's default (compiled) path.
+        options = {} if cuda else {"compiled": False}
         loss_fn = LigerFusedLinearJSDLoss(
             weight_hard_loss=1 - KD_RATE,
             weight_soft_loss=KD_RATE,
             beta=0.0,
             temperature=TEMPERATURE,
-            compiled=False,
+            **options,
         )
 
         def step():
@@ -117,7 +164,7 @@ def _run_case(
             return loss
 
     elif case == "floor":
-        grad_logits = torch.randn(n, vocab)
+        grad_logits = place(torch.randn(n, vocab))
 
         def step():
             with torch.no_grad():
@@ -132,71 +179,38 @@ def _run_case(
     times = []
     for i in range(warmup + repeats):
         hs.grad = ws.grad = None
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         if i >= warmup:
             times.append(elapsed)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mib()
     return {
-        "case": case,
-        "n": n,
-        "hidden": hidden,
-        "vocab": vocab,
+        **info,
         "median_s": statistics.median(times),
         "times_s": times,
-        "peak_mib_above_inputs": _peak_rss_mib() - base,
+        "peak_mib_above_inputs": peak - base,
         "threads": torch.get_num_threads(),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--sizes", default="1024,4096", help="comma list of N (positions)")
-    parser.add_argument("--shapes", default="smollm2,gpt2", help=f"comma list of {sorted(SHAPES)}")
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--chunk-size", type=int, default=None, help="fused chunk size (default: automatic)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "loss_bench.json"))
-    parser.add_argument("--_one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args._one:  # child process: one case, JSON on stdout
-        case, n, hidden, vocab = args._one.split(":")
-        result = _run_case(case, int(n), int(hidden), int(vocab), args.warmup, args.repeats, args.chunk_size)
-        print(json.dumps(result))
-        return
-
-    results = []
-    for shape in args.shapes.split(","):
-        hidden, vocab = SHAPES[shape]
-        for n in map(int, args.sizes.split(",")):
-            for case in args.cases.split(","):
-                cmd = [sys.executable, __file__, "--_one", f"{case}:{n}:{hidden}:{vocab}"]
-                cmd += ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
-                if args.chunk_size:
-                    cmd += ["--chunk-size", str(args.chunk_size)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-                if proc.returncode != 0:
-                    print(f"{case} N={n} {shape}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                result = json.loads(proc.stdout.strip().splitlines()[-1])
-                result["shape"] = shape
-                results.append(result)
-                print(
-                    f"{shape:8s} N={n:5d} {case:11s} {result['median_s']:8.3f} s  "
-                    f"{result['peak_mib_above_inputs']:9.1f} MiB",
-                    flush=True,
-                )
-
+def _print_table(results: list[dict]) -> None:
     print(
         "\n| shape | N | case | fwd+bwd median (s) | x floor | peak MiB above inputs | % of naive-todi peak |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        same = {x["case"]: x for x in results if x["shape"] == r["shape"] and x["n"] == r["n"]}
+        if "median_s" not in r:
+            reason = r.get("skipped") or r.get("error") or "no result"
+            print(f"| {r['shape']} | {r['n']} | {r['case']} | {reason} | - | - | - |")
+            continue
+        same = {
+            x["case"]: x for x in results if x["shape"] == r["shape"] and x["n"] == r["n"] and "median_s" in x
+        }
         floor = same.get("floor", {}).get("median_s")
         naive_peak = same.get("naive-todi", {}).get("peak_mib_above_inputs")
         ratio = f"{r['median_s'] / floor:.2f}" if floor else "-"
@@ -205,9 +219,95 @@ def main() -> None:
             f"| {r['shape']} | {r['n']} | {r['case']} | {r['median_s']:.3f} | {ratio} | "
             f"{r['peak_mib_above_inputs']:.0f} | {share} |"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--sizes",
+        default=None,
+        help="comma list of N (positions); default "
+        + ", ".join(f"{d}: {s}" for d, s in DEFAULT_SIZES.items()),
+    )
+    parser.add_argument("--shapes", default="smollm2,gpt2", help=f"comma list of {sorted(SHAPES)}")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chunk-size", type=int, default=None, help="fused chunk size (default: automatic)")
+    parser.add_argument(
+        "--case-timeout", type=float, default=None, help="seconds per case subprocess (default: none)"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON file; default " + ", ".join(f"{d}: {p}" for d, p in DEFAULT_OUT.items()),
+    )
+    parser.add_argument("--_one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._one:  # child process: one case, JSON on stdout
+        case, n, hidden, vocab = args._one.split(":")
+        result = _run_case(
+            case,
+            int(n),
+            int(hidden),
+            int(vocab),
+            args.warmup,
+            args.repeats,
+            args.chunk_size,
+            args.device,
+            args.dtype,
+        )
+        print(json.dumps(result))
+        return
+
+    sizes = args.sizes or DEFAULT_SIZES[args.device]
+    out = Path(args.out or DEFAULT_OUT[args.device])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for shape in args.shapes.split(","):
+        hidden, vocab = SHAPES[shape]
+        for n in map(int, sizes.split(",")):
+            for case in args.cases.split(","):
+                cmd = [sys.executable, __file__, "--_one", f"{case}:{n}:{hidden}:{vocab}"]
+                cmd += ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+                cmd += ["--device", args.device, "--dtype", args.dtype]
+                if args.chunk_size:
+                    cmd += ["--chunk-size", str(args.chunk_size)]
+                label = f"{shape:8s} N={n:5d} {case:11s}"
+                record = {"case": case, "n": n, "hidden": hidden, "vocab": vocab, "shape": shape}
+                record.update(device=args.device, dtype=args.dtype)
+                try:
+                    proc = subprocess.run(
+                        cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=args.case_timeout
+                    )
+                except subprocess.TimeoutExpired:
+                    record["error"] = f"timed out after {args.case_timeout:g} s"
+                    print(f"{label} TIMEOUT", file=sys.stderr, flush=True)
+                    proc = None
+                if proc is not None and proc.returncode != 0:
+                    lines = proc.stderr.strip().splitlines()
+                    record["error"] = f"exit {proc.returncode}: {lines[-1] if lines else ''}"[:500]
+                    print(f"{label} FAILED\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
+                elif proc is not None:
+                    record = {**json.loads(proc.stdout.strip().splitlines()[-1]), "shape": shape}
+                results.append(record)
+                if "median_s" in record:
+                    print(
+                        f"{label} {record['median_s']:8.3f} s  {record['peak_mib_above_inputs']:9.1f} MiB",
+                        flush=True,
+                    )
+                elif "skipped" in record:
+                    print(f"{label} skipped: {record['skipped']}", flush=True)
+                out.write_text(json.dumps(results, indent=2))  # kept up to date: a later hang loses nothing
+
+    _print_table(results)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
