@@ -63,10 +63,46 @@ def test_splits_load_with_the_data_loader(tmp_path):
     assert naming and all(len(e.references) == 10 for e in naming)
 
 
+def _fit_float64(teacher, student, test) -> dict[str, float]:
+    """CE of the reference answers, KL(p || q), KL(q || p) and the student's mass where p < 1e-4, at T = 1
+    over the supervised answer positions, in float64 (teacher forcing)."""
+    from transformers import AutoModelForCausalLM
+
+    from todi.data import DataCollator, encode_examples
+
+    tokenizer = demo_tasks.build_tokenizer()
+    features, _ = encode_examples(
+        load_examples(test),
+        tokenizer,
+        template=demo_tasks.PROMPT_TEMPLATE,
+        max_length=64,
+        max_prompt_length=48,
+    )
+    batch = DataCollator(tokenizer.pad_token_id)(features)
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    lp, lq = (
+        AutoModelForCausalLM.from_pretrained(path)
+        .double()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        .logits[:, :-1][keep]
+        .log_softmax(-1)
+        .detach()
+        for path in (teacher, student)
+    )
+    target = labels[keep]
+    return {
+        "ce": -lq.gather(-1, target[:, None]).mean().item(),
+        "fkl": (lp.exp() * (lp - lq)).sum(-1).mean().item(),
+        "rkl": (lq.exp() * (lq - lp)).sum(-1).mean().item(),
+        "unlikely_mass": (lq.exp() * (lp.exp() < 1e-4)).sum(-1).mean().item(),
+    }
+
+
 def test_demo_end_to_end_on_a_micro_profile(tmp_path, monkeypatch):
     micro = demo.Profile(
         train_examples=64, test_examples=8, eval_seeds=(10,), teacher_layers=1, teacher_hidden=32,
         teacher_steps=4, student_layers=1, student_hidden=32, student_steps=3, batch_size=8,
+        dev_examples=8, dev_evals=3,
     )  # fmt: skip
     monkeypatch.setitem(demo.PROFILES, "quick", micro)
     monkeypatch.setenv("TODI_COMPILE", "0")
@@ -78,6 +114,25 @@ def test_demo_end_to_end_on_a_micro_profile(tmp_path, monkeypatch):
     assert set(results) == {"teacher", "sft", "fkl", "rkl", "todi"}
     report = (out / "report.md").read_text()
     assert "| todi |" in report and "trained in this run" in report
+    # every student is the checkpoint with the best dev ROUGE-L of its run, scored at steps 1, 2 and 3
+    for name in ("sft", "fkl", "rkl", "todi"):
+        run = out / "runs" / name / "seed0"
+        scores = [
+            r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "dev_rougeL" in r
+        ]
+        assert [r["step"] for r in scores] == [1, 2, 3]
+        best = max(scores, key=lambda r: r["dev_rougeL"])
+        assert results[name]["steps"] == [best["step"]]
+        assert (run / "best" / "config.json").exists()
+    assert "Checkpoints chosen by dev ROUGE-L" in report
+    # the held-out fit to the teacher, recomputed here in float64 from the two models
+    teacher = next((cache / "demo").glob("teacher-*/final"))
+    student = out / "runs" / "fkl" / "seed0" / "best"
+    expected = _fit_float64(teacher, student, out / "data" / "test.jsonl")
+    for key, value in expected.items():
+        assert results["fkl"]["fit"][key]["mean"] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        assert results["fkl"]["fit"][key]["std"] == 0.0  # one training seed
+    assert "Held-out fit to the teacher" in report and "closer to the teacher than the SFT-only" in report
     # the second run takes the cached teacher
     assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache)]) == 0
     assert "from the cache" in (out / "report.md").read_text()

@@ -28,6 +28,9 @@ from todi.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
+# Every demo answer fits in far fewer tokens; generation stops at EOS anyway.
+EVAL_MAX_NEW_TOKENS = 24
+
 # Bump when the generator, the architectures or the teacher recipe change: it keys the teacher cache.
 DEMO_VERSION = 2
 
@@ -73,6 +76,10 @@ class Profile:
     # Each objective is trained once per seed and scored as the mean over them: one training run per
     # objective leaves differences of several ROUGE-L points to chance at this size.
     student_seeds: tuple[int, ...] = (0,)
+    # As in the paper, each student's checkpoint is chosen by dev ROUGE-L (one sampling seed), scored this
+    # many times over training (evenly spaced, the last at the final step).
+    dev_evals: int = 4
+    dev_examples: int = 50
 
     @property
     def teacher_data(self) -> int:
@@ -159,6 +166,19 @@ def _train_options(
     )
 
 
+def _dev_options(profile: Profile, data: Path) -> dict[str, Any]:
+    """Score dev ROUGE-L during a student's training and keep the best checkpoint in ``out/best``."""
+    return dict(
+        dev=str(data),
+        dev_max_examples=profile.dev_examples,
+        eval_every=max(profile.student_steps // profile.dev_evals, 1),
+        eval_seeds="10",
+        eval_max_new_tokens=EVAL_MAX_NEW_TOKENS,
+        eval_batch_size=64,
+        save_best=1,
+    )
+
+
 def _teacher(config: Config, profile: Profile, tokenizer: Any, data: Path, work: Path) -> tuple[Path, float]:
     """The cached teacher's final folder, training it first when the cache lacks it; and the seconds spent."""
     from todi.training import SFTConfig, train
@@ -226,14 +246,26 @@ def _students(
                 seed,
                 profile.train_examples,
             )
+            options |= _dev_options(profile, data)
             if objective == "sft":
                 final = train(SFTConfig(model=str(init), **options))
             else:
                 final = train(
                     DistillConfig(teacher=str(teacher), student=str(init), loss=objective, **options)
                 )
-            finals[objective].append(final)
+            best = Path(options["out"]) / "best"
+            finals[objective].append(best if best.is_dir() else final)
     return finals
+
+
+def chosen_step(model: Path) -> int | None:
+    """The training step of a student folder: its run's best dev ROUGE-L for ``best/`` (the first of equal
+    scores, as training keeps it), the last step for ``final/``; None when the run logged neither."""
+    records = [json.loads(line) for line in (model.parent / "metrics.jsonl").read_text().splitlines()]
+    if model.name == "best":
+        scored = [r for r in records if "dev_rougeL" in r]
+        return max(scored, key=lambda r: r["dev_rougeL"])["step"] if scored else None
+    return max((r["step"] for r in records if "step" in r), default=None)
 
 
 def _exact_match(prediction: str, references: tuple[str, ...]) -> float:
@@ -252,7 +284,7 @@ def _evaluate(
     from todi.evaluation import GenerationSettings, evaluate_model, load_model
 
     examples = load_examples(test, max_examples=profile.test_examples)
-    settings = GenerationSettings(max_new_tokens=24, batch_size=64)
+    settings = GenerationSettings(max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=64)
     results = {}
     jobs = [(name, i, path) for name, paths in models.items() for i, path in enumerate(paths)]
     per_run: dict[str, list[tuple[list[float], list[float]]]] = {name: [] for name in models}
@@ -303,7 +335,11 @@ def run(config: Config) -> None:
     tokenizer = demo_tasks.build_tokenizer()
     data = out / "data"
     paths = demo_tasks.write_splits(
-        data, train=profile.teacher_data, dev=50, test=profile.test_examples, seed=config.seed
+        data,
+        train=profile.teacher_data,
+        dev=profile.dev_examples,
+        test=profile.test_examples,
+        seed=config.seed,
     )
     runs = out / "runs"
     runs.mkdir(exist_ok=True)
@@ -312,6 +348,20 @@ def run(config: Config) -> None:
     evaluation = out / "eval"
     evaluation.mkdir(exist_ok=True)
     results = _evaluate({"teacher": [teacher], **students}, paths["test"], profile, evaluation)
+    runs_by_key = {
+        f"{name}/{i}": folder for name, folders in students.items() for i, folder in enumerate(folders)
+    }
+    fits = demo_report.heldout_fit(teacher, runs_by_key, paths["test"], max_examples=profile.test_examples)
+    for name, folders in students.items():
+        results[name]["steps"] = [chosen_step(folder) for folder in folders]
+        per_run = [fits[f"{name}/{i}"] for i in range(len(folders))]
+        results[name]["fit"] = {
+            key: {
+                "mean": statistics.fmean(r[key] for r in per_run),
+                "std": statistics.pstdev([r[key] for r in per_run]),
+            }
+            for key in per_run[0]
+        }
     elapsed = time.perf_counter() - start
     report = demo_report.write_report(
         out, results=results, runs=runs, teacher=teacher, student=students["todi"][0] if "todi" in students else None, test=paths["test"],
