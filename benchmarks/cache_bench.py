@@ -80,7 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_prompt_length": 128,
         "batch_size": 4,
         "steps": 6,
-        "seeds": "0,1,2",
+        "seeds": "0,1,2,3,4",
         "demo_profile": "default",
     },
     "smoke": {
@@ -364,26 +364,33 @@ def part_throughput(assets: Assets, work: Path, args: argparse.Namespace, caches
     folder, build_s = caches[QUALITY_K]
     print("throughput: distilling online (teacher forward every step) ...", flush=True)
     online = _distill(assets, work / "run-online", args, teacher=assets.teacher)
-    print(f"throughput: distilling from the k = {QUALITY_K} cache ...", flush=True)
-    cached = _distill(assets, work / "run-cached", args, teacher_cache=str(folder))
+    cached = {}
+    for mode in args.cache_tails:
+        print(f"throughput: distilling from the k = {QUALITY_K} cache, {mode} tail ...", flush=True)
+        cached[mode] = _distill(
+            assets, work / f"run-cached-{mode}", args, teacher_cache=str(folder), cache_tail=mode
+        )
     tokens = _data_tokens(assets, args)
     online_pass_s = tokens / online["tokens_per_s"]
-    cached_pass_s = tokens / cached["tokens_per_s"]
-    saved = online_pass_s - cached_pass_s
-    return {
+    result: dict[str, Any] = {
         "k": QUALITY_K,
         "online": online,
         "cached": cached,
-        "speedup": cached["tokens_per_s"] / online["tokens_per_s"],
         "target_speedup": 1.8,
-        "meets_target": cached["tokens_per_s"] / online["tokens_per_s"] >= 1.8,
         "cache_build_s": build_s,
         "cached_examples": read_manifest(folder)["examples"],
         "cached_data_tokens": tokens,
         "online_s_per_pass": online_pass_s,
-        "cached_s_per_pass": cached_pass_s,
-        "break_even_students": build_s / saved if saved > 0 else None,
     }
+    for run in cached.values():
+        saved = online_pass_s - tokens / run["tokens_per_s"]
+        run |= {
+            "speedup": run["tokens_per_s"] / online["tokens_per_s"],
+            "meets_target": run["tokens_per_s"] / online["tokens_per_s"] >= 1.8,
+            "s_per_pass": tokens / run["tokens_per_s"],
+            "break_even_students": build_s / saved if saved > 0 else None,
+        }
+    return result
 
 
 def print_throughput(result: dict, args: argparse.Namespace) -> None:
@@ -391,26 +398,28 @@ def print_throughput(result: dict, args: argparse.Namespace) -> None:
         f"\n### throughput: todi distill, batch {args.batch_size} x <= {args.max_length} tokens, "
         f"{args.steps} steps, median of windows 2..{args.steps}\n"
     )
-    print("| teacher | tokens/s (median) | min - max | windows | CE step 1 | KD step 1 | wall s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, label in (("online", "online (30-layer forward)"), ("cached", f"cache k = {result['k']}")):
-        r = result[name]
+    print("| teacher | tokens/s (median) | min - max | windows | CE step 1 | KD step 1 | wall s | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = [("online (30-layer forward)", result["online"])]
+    rows += [(f"cache k = {result['k']}, {mode} tail", run) for mode, run in result["cached"].items()]
+    for label, r in rows:
         measured = r["window_tokens_per_s"][1:] or r["window_tokens_per_s"]
+        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else "1.00x"
         print(
             f"| {label} | {r['tokens_per_s']:.0f} | {min(measured):.0f} - {max(measured):.0f} "
-            f"| {len(measured)} | {r['ce_first_step']:.4f} | {r['kd_first_step']:.4f} | {r['wall_s']:.1f} |"
+            f"| {len(measured)} | {r['ce_first_step']:.4f} | {r['kd_first_step']:.4f} | {r['wall_s']:.1f} "
+            f"| {speedup} |"
         )
-    verdict = "met" if result["meets_target"] else "NOT met"
-    print(
-        f"\nspeed-up cached / online: {result['speedup']:.2f}x (target >= {result['target_speedup']}x: {verdict})"
-    )
-    even = result["break_even_students"]
-    print(
-        f"one-time cache build: {result['cache_build_s']:.1f} s for {result['cached_examples']} examples "
-        f"({result['cached_data_tokens']} tokens); one pass over them takes {result['online_s_per_pass']:.1f} s "
-        f"online vs {result['cached_s_per_pass']:.1f} s cached, so the cache pays for itself after "
-        + (f"{even:.2f} student passes" if even is not None else "no number of students (no speed-up)")
-    )
+    for mode, run in result["cached"].items():
+        verdict = "met" if run["meets_target"] else "NOT met"
+        even = run["break_even_students"]
+        print(
+            f"\n{mode} tail: speed-up {run['speedup']:.2f}x (target >= {result['target_speedup']}x: {verdict}); "
+            f"one pass over the {result['cached_examples']} cached examples ({result['cached_data_tokens']} tokens) "
+            f"takes {result['online_s_per_pass']:.1f} s online vs {run['s_per_pass']:.1f} s cached, so the "
+            f"{result['cache_build_s']:.1f} s cache build pays for itself after "
+            + (f"{even:.2f} student passes" if even is not None else "no number of students (no speed-up)")
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -440,7 +449,7 @@ def _std(values: list[float]) -> float | None:
 
 
 def part_quality(work: Path, args: argparse.Namespace) -> dict:
-    from todi import cache, demo, demo_tasks
+    from todi import cache, demo, demo_report, demo_tasks
     from todi.training import DistillConfig, train
 
     profile = _demo_profile(args.demo_profile)
@@ -450,7 +459,7 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict:
     tokenizer = demo_tasks.build_tokenizer()
     data = root / "data"
     paths = demo_tasks.write_splits(
-        data, train=profile.teacher_data, dev=50, test=profile.test_examples, seed=0
+        data, train=profile.teacher_data, dev=profile.dev_examples, test=profile.test_examples, seed=0
     )
     cache_dir = args.demo_cache_dir or (str(work / "demo-cache") if args.demo_profile == "smoke" else None)
     print(f"quality: demo teacher ({args.demo_profile} profile) ...", flush=True)
@@ -481,16 +490,19 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict:
     build_s = time.perf_counter() - started
     manifest = read_manifest(folder)
 
+    modes = ["online", *args.cache_tails]
     finals: dict[str, Path] = {}
     runs_info: dict[str, dict[str, Any]] = {}
     for seed in args.seeds:
         init = demo._save_init(
             runs / f"student-init-{seed}", tokenizer, profile.student_layers, profile.student_hidden, seed
         )
-        for mode, teacher_option in (
-            ("online", {"teacher": str(teacher)}),
-            ("cached", {"teacher_cache": str(folder), "cache_tail": args.cache_tail}),
-        ):
+        for mode in modes:
+            teacher_option = (
+                {"teacher": str(teacher)}
+                if mode == "online"
+                else {"teacher_cache": str(folder), "cache_tail": mode}
+            )
             name = f"{mode}-seed{seed}"
             print(f"quality: training ToDi student {name} ...", flush=True)
             options = demo._train_options(
@@ -504,6 +516,8 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict:
                 "tokens_per_s": statistics.median(w["tokens_per_s"] for w in windows[1:] or windows),
                 "final_loss": windows[-1]["loss"],
             }
+    print("quality: held-out teacher-forced fit ...", flush=True)
+    fits = demo_report.heldout_fit(teacher, finals, paths["test"], max_examples=profile.test_examples)
     print("quality: evaluating held-out ROUGE-L ...", flush=True)
     evaluation = root / "eval"
     evaluation.mkdir(exist_ok=True)
@@ -514,20 +528,32 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict:
     per_seed = [
         {
             "seed": seed,
-            "online": scores[f"online-seed{seed}"]["rougeL"],
-            "cached": scores[f"cached-seed{seed}"]["rougeL"],
-            "online_exact": scores[f"online-seed{seed}"]["exact"],
-            "cached_exact": scores[f"cached-seed{seed}"]["exact"],
+            **{mode: scores[f"{mode}-seed{seed}"]["rougeL"] for mode in modes},
+            "exact": {mode: scores[f"{mode}-seed{seed}"]["exact"] for mode in modes},
+            "fit": {mode: fits[f"{mode}-seed{seed}"] for mode in modes},
         }
         for seed in args.seeds
     ]
     summary: dict[str, Any] = {}
-    for mode in ("online", "cached"):
+    for mode in modes:
         values = [row[mode] for row in per_seed]
-        summary[mode] = {"mean": statistics.fmean(values), "std": _std(values)}
-    gap = summary["cached"]["mean"] - summary["online"]["mean"]
-    stds = [summary[m]["std"] for m in ("online", "cached") if summary[m]["std"] is not None]
-    spread = max(stds) if stds else None
+        summary[mode] = {
+            "mean": statistics.fmean(values),
+            "std": _std(values),
+            "fit": {
+                key: statistics.fmean(row["fit"][mode][key] for row in per_seed)
+                for key in per_seed[0]["fit"][mode]
+            },
+        }
+    for mode in args.cache_tails:
+        gap = summary[mode]["mean"] - summary["online"]["mean"]
+        stds = [summary[m]["std"] for m in ("online", mode) if summary[m]["std"] is not None]
+        spread = max(stds) if stds else None
+        summary[mode] |= {
+            "gap": gap,
+            "spread": spread,
+            "gap_within_spread": None if spread is None else abs(gap) <= spread,
+        }
     return {
         "profile": dataclasses.asdict(profile)
         | {"name": args.demo_profile, "teacher_data": profile.teacher_data},
@@ -538,46 +564,59 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict:
         "cache_build_s": build_s,
         "cache_bytes_per_position": manifest["bytes_per_position"],
         "tail_mass": tail_mass(folder),
+        "modes": modes,
         "per_seed": per_seed,
-        "online": summary["online"],
-        "cached": summary["cached"],
-        "gap": gap,
-        "spread": spread,
-        "gap_within_spread": None if spread is None else abs(gap) <= spread,
+        "summary": summary,
         "runs": runs_info,
     }
 
 
 def print_quality(result: dict) -> None:
     p = result["profile"]
+    modes = result["modes"]
+    summary = result["summary"]
     print(
         f"\n### quality: demo task ({p['name']} profile: student {p['student_layers']} x {p['student_hidden']}, "
         f"{p['student_steps']} steps on {p['train_examples']} of the teacher's {p['teacher_data']} examples; "
         f"ROUGE-L on {p['test_examples']} held-out examples, "
         f"mean over eval seeds {', '.join(map(str, p['eval_seeds']))})\n"
     )
-    print(f"| training seed | ToDi online | ToDi cache k = {result['k']} | cached - online |")
-    print("|---:|---:|---:|---:|")
+    labels = {"online": "ToDi online"} | {m: f"cache k = {result['k']}, {m} tail" for m in modes[1:]}
+    print("| training seed | " + " | ".join(labels[m] for m in modes) + " |")
+    print("|---:|" + "---:|" * len(modes))
     for row in result["per_seed"]:
-        print(
-            f"| {row['seed']} | {row['online']:.2f} | {row['cached']:.2f} | {row['cached'] - row['online']:+.2f} |"
-        )
+        cells = [f"{row['online']:.2f}"] + [
+            f"{row[m]:.2f} ({row[m] - row['online']:+.2f})" for m in modes[1:]
+        ]
+        print(f"| {row['seed']} | " + " | ".join(cells) + " |")
 
-    def fmt(summary: dict[str, Any]) -> str:
-        std = summary["std"]
-        return f"{summary['mean']:.2f}" + ("" if std is None else f" ± {std:.2f}")
+    def fmt(s: dict[str, Any]) -> str:
+        return f"{s['mean']:.2f}" + ("" if s["std"] is None else f" ± {s['std']:.2f}")
 
-    print(f"| mean ± std | {fmt(result['online'])} | {fmt(result['cached'])} | {result['gap']:+.2f} |")
-    if result["spread"] is None:
-        print("\none training seed: no seed-to-seed spread to compare the gap with")
-    else:
-        verdict = "within" if result["gap_within_spread"] else "OUTSIDE"
+    print("| mean ± std | " + " | ".join(fmt(summary[m]) for m in modes) + " |")
+    for mode in modes[1:]:
+        s = summary[mode]
+        if s["spread"] is None:
+            print(f"\n{mode}: one training seed, no seed-to-seed spread to compare the gap with")
+        else:
+            verdict = "within" if s["gap_within_spread"] else "OUTSIDE"
+            print(
+                f"\n{mode} tail: gap {s['gap']:+.2f} vs seed-to-seed spread (max std) {s['spread']:.2f}: {verdict}"
+            )
+    print(
+        "\nheld-out teacher-forced fit (mean over training seeds; KL to the teacher at T = 1, student mass on "
+        "tokens the teacher gives < 1e-4):\n"
+    )
+    print("| student | CE | KL(teacher, student) | KL(student, teacher) | mass on p < 1e-4 |")
+    print("|---|---:|---:|---:|---:|")
+    for mode in modes:
+        f = summary[mode]["fit"]
         print(
-            f"\n|gap| {abs(result['gap']):.2f} vs seed-to-seed spread (max std) {result['spread']:.2f}: {verdict}"
+            f"| {labels[mode]} | {f['ce']:.3f} | {f['fkl']:.3f} | {f['rkl']:.3f} | {f['unlikely_mass']:.4f} |"
         )
     t = result["tail_mass"]
     trained = f"trained in {result['teacher_train_s']:.0f} s" if result["teacher_train_s"] else "cached"
-    print(f"demo teacher {trained}; k = {result['k']} cache built in {result['cache_build_s']:.1f} s")
+    print(f"\ndemo teacher {trained}; k = {result['k']} cache built in {result['cache_build_s']:.1f} s")
     print(
         f"teacher tail mass at k = {result['k']} of {result['vocab_size']} tokens (what the cache lumps into one "
         f"bucket): mean {t['mean']:.2e}, median {t['median']:.2e}, max {t['max']:.2e}"
@@ -606,9 +645,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ks", default="16,64,256", help="storage: cache sizes k")
     parser.add_argument(
         "--cache-tail",
-        default="bucket",
-        choices=["bucket", "uniform"],
-        help="quality: todi distill --cache-tail",
+        default="bucket,uniform",
+        help="throughput and quality: comma-separated todi distill --cache-tail modes, side by side",
     )
     parser.add_argument("--max-examples", type=int, help="storage/throughput: examples cached (full 64)")
     parser.add_argument("--max-length", type=int, help="storage/throughput: tokens per example (full 256)")
@@ -617,7 +655,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--steps", type=int, help="throughput: optimizer steps per mode, first not timed (full 6)"
     )
-    parser.add_argument("--seeds", help="quality: comma-separated training seeds (full 0,1,2)")
+    parser.add_argument("--seeds", help="quality: comma-separated training seeds (full 0,1,2,3,4)")
     parser.add_argument(
         "--demo-profile", choices=("default", "quick", "smoke"), help="quality: demo profile (full: default)"
     )
@@ -638,6 +676,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--part: unknown {', '.join(unknown)} (choose from {', '.join(PARTS)})")
     args.ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.cache_tails = [m.strip() for m in args.cache_tail.split(",") if m.strip()]
+    from todi.losses.sparse import TAIL_MODES
+
+    if not args.cache_tails or set(args.cache_tails) - set(TAIL_MODES):
+        parser.error(f"--cache-tail: comma-separated modes from {', '.join(TAIL_MODES)}")
     if args.out is None:
         args.out = str(RESULTS / ("cache_bench_smoke.json" if args.smoke else "cache_bench.json"))
     return args
