@@ -92,7 +92,7 @@ class Profile:
 PROFILES = {
     "default": Profile(
         teacher_examples=16000, train_examples=1000, test_examples=200, eval_seeds=(10, 20, 30),
-        student_seeds=(0, 1, 2),
+        student_seeds=(0, 1, 2, 3, 4),
         teacher_layers=4, teacher_hidden=192, teacher_steps=1000,
         student_layers=2, student_hidden=96, student_steps=400,
     ),
