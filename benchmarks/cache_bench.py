@@ -81,6 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 4,
         "steps": 6,
         "seeds": "0,1,2,3,4",
+        "quality_ks": f"{QUALITY_K},128",
         "demo_profile": "default",
     },
     "smoke": {
@@ -90,6 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 2,
         "steps": 3,
         "seeds": "0",
+        "quality_ks": str(QUALITY_K),
         "demo_profile": "smoke",
     },
 }
@@ -216,16 +218,35 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def tail_mass(folder: Path) -> dict[str, float]:
-    """Mean, median and max over positions of the teacher mass outside the stored top k (exp of the tail)."""
+    """Mean, median and max over positions of the teacher mass outside the stored top k (exp of the tail),
+    and the mean share of the tail bucket at T = 2 (the distillation temperature; tempering flattens the
+    distribution, so the bucket holds far more there)."""
     import torch
     from safetensors import safe_open
 
-    tails = []
+    from todi.losses.sparse import SparseTeacher
+
+    tails, tempered = [], []
     for shard in read_manifest(folder)["shards"]:
         with safe_open(str(folder / shard["file"]), framework="pt") as file:
-            tails.append(file.get_tensor("tail").double().exp())
+            tail = file.get_tensor("tail").double()
+            tails.append(tail.exp())
+            logprobs = file.get_tensor("logprobs").double()
+            sparse = SparseTeacher(
+                torch.zeros(logprobs.shape, dtype=torch.long),  # ids do not enter the bucket masses
+                logprobs,
+                tail,
+                vocab_size=read_manifest(folder)["vocab_size"],
+                tempered_tails={2.0: file.get_tensor("tail_T2").double()},
+            )
+            tempered.append(sparse.bucket_log_probs(2.0)[:, -1].exp())
     mass = torch.cat(tails)
-    return {"mean": mass.mean().item(), "median": mass.median().item(), "max": mass.max().item()}
+    return {
+        "mean": mass.mean().item(),
+        "median": mass.median().item(),
+        "max": mass.max().item(),
+        "mean_at_T2": torch.cat(tempered).mean().item(),
+    }
 
 
 def theoretical_bytes(manifest: dict[str, Any]) -> int:
@@ -275,14 +296,16 @@ def part_storage(assets: Assets, work: Path, args: argparse.Namespace, caches: d
 def print_storage(result: dict) -> None:
     print("\n### storage: bytes per supervised position\n")
     print(
-        "| k | examples | positions | MiB | bytes/pos | theoretical | overhead | mean tail mass | build s |"
+        "| k | examples | positions | MiB | bytes/pos | theoretical | overhead | mean tail mass "
+        "| mean tail share at T = 2 | build s |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
         print(
             f"| {r['k']} | {r['examples']} | {r['supervised_positions']} | {r['bytes'] / 2**20:.2f} "
             f"| {r['bytes_per_position']:.1f} | {r['theoretical_bytes_per_position']} "
-            f"| {100 * r['overhead']:+.1f}% | {r['tail_mass']['mean']:.4f} | {r['build_s']:.1f} |"
+            f"| {100 * r['overhead']:+.1f}% | {r['tail_mass']['mean']:.4f} "
+            f"| {r['tail_mass']['mean_at_T2']:.4f} | {r['build_s']:.1f} |"
         )
     if result["meets_target"] is not None:
         verdict = "met" if result["meets_target"] else "NOT met"
@@ -468,41 +491,44 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict:
     )
     examples = profile.train_examples  # the students' share of the teacher's data, as in todi demo
     options = demo._train_options(profile, data, runs, profile.student_steps, profile.student_lr, 0, examples)
-    print(f"quality: building the k = {QUALITY_K} cache of the demo teacher ...", flush=True)
-    folder = root / f"cache-k{QUALITY_K}"
-    shutil.rmtree(folder, ignore_errors=True)
-    started = time.perf_counter()
-    cache.build_cache(
-        cache.Config(
-            teacher=str(teacher),
-            data=str(data),
-            out=str(folder),
-            top_k=QUALITY_K,
-            temperatures=TEMPERATURES,
-            batch_size=64,
-            template=options["template"],
-            max_length=options["max_length"],
-            max_prompt_length=options["max_prompt_length"],
-            max_examples=examples,
-            overwrite=True,
+    folders: dict[int, Path] = {}
+    build_s: dict[int, float] = {}
+    for k in args.quality_ks:
+        print(f"quality: building the k = {k} cache of the demo teacher ...", flush=True)
+        folders[k] = root / f"cache-k{k}"
+        shutil.rmtree(folders[k], ignore_errors=True)
+        started = time.perf_counter()
+        cache.build_cache(
+            cache.Config(
+                teacher=str(teacher),
+                data=str(data),
+                out=str(folders[k]),
+                top_k=k,
+                temperatures=TEMPERATURES,
+                batch_size=64,
+                template=options["template"],
+                max_length=options["max_length"],
+                max_prompt_length=options["max_prompt_length"],
+                max_examples=examples,
+                overwrite=True,
+            )
         )
-    )
-    build_s = time.perf_counter() - started
-    manifest = read_manifest(folder)
+        build_s[k] = time.perf_counter() - started
+    manifest = read_manifest(folders[args.quality_ks[0]])
 
-    modes = ["online", *args.cache_tails]
+    # "online", then "k<k>-<tail>" for every cache size and tail mode
+    teacher_options: dict[str, dict[str, str]] = {"online": {"teacher": str(teacher)}}
+    for k in args.quality_ks:
+        for tail in args.cache_tails:
+            teacher_options[f"k{k}-{tail}"] = {"teacher_cache": str(folders[k]), "cache_tail": tail}
+    modes = list(teacher_options)
     finals: dict[str, Path] = {}
     runs_info: dict[str, dict[str, Any]] = {}
     for seed in args.seeds:
         init = demo._save_init(
             runs / f"student-init-{seed}", tokenizer, profile.student_layers, profile.student_hidden, seed
         )
-        for mode in modes:
-            teacher_option = (
-                {"teacher": str(teacher)}
-                if mode == "online"
-                else {"teacher_cache": str(folder), "cache_tail": mode}
-            )
+        for mode, teacher_option in teacher_options.items():
             name = f"{mode}-seed{seed}"
             print(f"quality: training ToDi student {name} ...", flush=True)
             options = demo._train_options(
@@ -545,7 +571,7 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict:
                 for key in per_seed[0]["fit"][mode]
             },
         }
-    for mode in args.cache_tails:
+    for mode in modes[1:]:
         gap = summary[mode]["mean"] - summary["online"]["mean"]
         stds = [summary[m]["std"] for m in ("online", mode) if summary[m]["std"] is not None]
         spread = max(stds) if stds else None
@@ -558,17 +584,25 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict:
         "profile": dataclasses.asdict(profile)
         | {"name": args.demo_profile, "teacher_data": profile.teacher_data},
         "vocab_size": manifest["vocab_size"],
-        "k": QUALITY_K,
+        "ks": args.quality_ks,
+        "target_k": QUALITY_K,
         "teacher": str(teacher),
         "teacher_train_s": teacher_s,
         "cache_build_s": build_s,
-        "cache_bytes_per_position": manifest["bytes_per_position"],
-        "tail_mass": tail_mass(folder),
+        "cache_bytes_per_position": {k: read_manifest(f)["bytes_per_position"] for k, f in folders.items()},
+        "tail_mass": {k: tail_mass(f) for k, f in folders.items()},
         "modes": modes,
         "per_seed": per_seed,
         "summary": summary,
         "runs": runs_info,
     }
+
+
+def _mode_label(mode: str) -> str:
+    if mode == "online":
+        return "ToDi online"
+    k, tail = mode.split("-", 1)
+    return f"cache k = {k[1:]}, {tail} tail"
 
 
 def print_quality(result: dict) -> None:
@@ -581,8 +615,7 @@ def print_quality(result: dict) -> None:
         f"ROUGE-L on {p['test_examples']} held-out examples, "
         f"mean over eval seeds {', '.join(map(str, p['eval_seeds']))})\n"
     )
-    labels = {"online": "ToDi online"} | {m: f"cache k = {result['k']}, {m} tail" for m in modes[1:]}
-    print("| training seed | " + " | ".join(labels[m] for m in modes) + " |")
+    print("| training seed | " + " | ".join(_mode_label(m) for m in modes) + " |")
     print("|---:|" + "---:|" * len(modes))
     for row in result["per_seed"]:
         cells = [f"{row['online']:.2f}"] + [
@@ -593,15 +626,17 @@ def print_quality(result: dict) -> None:
     def fmt(s: dict[str, Any]) -> str:
         return f"{s['mean']:.2f}" + ("" if s["std"] is None else f" ± {s['std']:.2f}")
 
-    print("| mean ± std | " + " | ".join(fmt(summary[m]) for m in modes) + " |")
+    print("| mean ± std | " + " | ".join(fmt(summary[m]) for m in modes) + " |\n")
     for mode in modes[1:]:
         s = summary[mode]
+        target = " (the target)" if mode.startswith(f"k{result['target_k']}-") else ""
         if s["spread"] is None:
-            print(f"\n{mode}: one training seed, no seed-to-seed spread to compare the gap with")
+            print(f"{_mode_label(mode)}: one training seed, no seed-to-seed spread to compare the gap with")
         else:
             verdict = "within" if s["gap_within_spread"] else "OUTSIDE"
             print(
-                f"\n{mode} tail: gap {s['gap']:+.2f} vs seed-to-seed spread (max std) {s['spread']:.2f}: {verdict}"
+                f"{_mode_label(mode)}{target}: gap {s['gap']:+.2f} vs seed-to-seed spread (max std) "
+                f"{s['spread']:.2f}: {verdict}"
             )
     print(
         "\nheld-out teacher-forced fit (mean over training seeds; KL to the teacher at T = 1, student mass on "
@@ -612,15 +647,18 @@ def print_quality(result: dict) -> None:
     for mode in modes:
         f = summary[mode]["fit"]
         print(
-            f"| {labels[mode]} | {f['ce']:.3f} | {f['fkl']:.3f} | {f['rkl']:.3f} | {f['unlikely_mass']:.4f} |"
+            f"| {_mode_label(mode)} | {f['ce']:.3f} | {f['fkl']:.3f} | {f['rkl']:.3f} | {f['unlikely_mass']:.4f} |"
         )
-    t = result["tail_mass"]
     trained = f"trained in {result['teacher_train_s']:.0f} s" if result["teacher_train_s"] else "cached"
-    print(f"\ndemo teacher {trained}; k = {result['k']} cache built in {result['cache_build_s']:.1f} s")
-    print(
-        f"teacher tail mass at k = {result['k']} of {result['vocab_size']} tokens (what the cache lumps into one "
-        f"bucket): mean {t['mean']:.2e}, median {t['median']:.2e}, max {t['max']:.2e}"
-    )
+    print(f"\ndemo teacher {trained}; vocabulary {result['vocab_size']} tokens")
+    for k in result["ks"]:
+        t = result["tail_mass"][k]
+        print(
+            f"k = {k}: cache built in {result['cache_build_s'][k]:.1f} s, "
+            f"{result['cache_bytes_per_position'][k]:.1f} bytes/position; teacher tail mass at T = 1: mean "
+            f"{t['mean']:.2e}, median {t['median']:.2e}, max {t['max']:.2e}; mean tail share at T = 2: "
+            f"{t['mean_at_T2']:.3f}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -657,6 +695,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seeds", help="quality: comma-separated training seeds (full 0,1,2,3,4)")
     parser.add_argument(
+        "--quality-ks",
+        help=f"quality: comma-separated cache sizes k (full {QUALITY_K},128; the target is at {QUALITY_K})",
+    )
+    parser.add_argument(
         "--demo-profile", choices=("default", "quick", "smoke"), help="quality: demo profile (full: default)"
     )
     parser.add_argument(
@@ -677,6 +719,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.cache_tails = [m.strip() for m in args.cache_tail.split(",") if m.strip()]
+    args.quality_ks = [int(k) for k in args.quality_ks.split(",") if k.strip()]
     from todi.losses.sparse import TAIL_MODES
 
     if not args.cache_tails or set(args.cache_tails) - set(TAIL_MODES):
