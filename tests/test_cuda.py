@@ -292,8 +292,8 @@ def compiled_kernels(device: str) -> dict:
 
 def run_compiled(check, *args, device: str = DEVICE, caplog: pytest.LogCaptureFixture) -> None:
     """``check(*args, compile=True)`` must compile a new chunk kernel with inductor (Triton on CUDA) and
-    never fall back to eager. Dynamo's caches are reset first: they keep at most ``recompile_limit``
-    (default 8) variants of one kernel function and would otherwise run eagerly past that."""
+    never fall back to eager. Dynamo's caches are reset first, so each test compiles its own graph rather
+    than reusing one an earlier test compiled."""
     torch._dynamo.reset()
     before = set(compiled_kernels(device))
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -406,7 +406,7 @@ def run_distill_steps(tmp_path, device: str = DEVICE) -> dict:
 
 
 def test_distill_two_steps_on_cuda(tmp_path, monkeypatch):
-    monkeypatch.setenv("TODI_COMPILE", "0")  # compilation is covered below; keep this step quick
+    monkeypatch.setenv("TODI_COMPILE", "0")  # compilation is covered above; keep this step quick
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = run_distill_steps(tmp_path)
     # The trainer picked the GPU: bf16 autocast is only chosen there, and the models' tensors took device

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from todi import demo, demo_tasks
+from todi import demo, demo_report, demo_tasks
 from todi.cli import main
 from todi.data import load_examples
 
@@ -63,9 +64,10 @@ def test_splits_load_with_the_data_loader(tmp_path):
     assert naming and all(len(e.references) == 10 for e in naming)
 
 
-def _fit_float64(teacher, student, test) -> dict[str, float]:
-    """CE of the reference answers, KL(p || q), KL(q || p) and the student's mass where p < 1e-4, at T = 1
-    over the supervised answer positions, in float64 (teacher forcing)."""
+def _fit_float64(teacher, student, test, unlikely: float) -> dict[str, float]:
+    """CE of the reference answers, KL(p || q), KL(q || p) and the student's mass where p < ``unlikely``, at
+    T = 1 over the supervised answer positions, in float64 (teacher forcing). The CE is checked against the
+    model's own shifted loss, so the positions are right."""
     from transformers import AutoModelForCausalLM
 
     from todi.data import DataCollator, encode_examples
@@ -81,20 +83,17 @@ def _fit_float64(teacher, student, test) -> dict[str, float]:
     batch = DataCollator(tokenizer.pad_token_id)(features)
     labels = batch["labels"][:, 1:]
     keep = labels != -100
-    lp, lq = (
-        AutoModelForCausalLM.from_pretrained(path)
-        .double()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        .logits[:, :-1][keep]
-        .log_softmax(-1)
-        .detach()
-        for path in (teacher, student)
-    )
-    target = labels[keep]
+    models = [AutoModelForCausalLM.from_pretrained(path).double() for path in (teacher, student)]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    lp, lq = (m(**inputs).logits[:, :-1][keep].log_softmax(-1).detach() for m in models)
+    ce = -lq.gather(-1, labels[keep][:, None]).mean().item()
+    # (transformers computes its loss in float32)
+    assert ce == pytest.approx(models[1](**inputs, labels=batch["labels"]).loss.item(), rel=1e-6)
     return {
-        "ce": -lq.gather(-1, target[:, None]).mean().item(),
+        "ce": ce,
         "fkl": (lp.exp() * (lp - lq)).sum(-1).mean().item(),
         "rkl": (lq.exp() * (lq - lp)).sum(-1).mean().item(),
-        "unlikely_mass": (lq.exp() * (lp.exp() < 1e-4)).sum(-1).mean().item(),
+        "unlikely_mass": (lq.exp() * (lp.exp() < unlikely)).sum(-1).mean().item(),
     }
 
 
@@ -114,24 +113,40 @@ def test_demo_end_to_end_on_a_micro_profile(tmp_path, monkeypatch):
     assert set(results) == {"teacher", "sft", "fkl", "rkl", "todi"}
     report = (out / "report.md").read_text()
     assert "| todi |" in report and "trained in this run" in report
-    # every student is the checkpoint with the best dev ROUGE-L of its run, scored at steps 1, 2 and 3
+    # every student is the checkpoint with the best dev ROUGE-L of its run, scored at steps 1, 2 and 3: the
+    # weights evaluated are those of the kept checkpoint at the step the report names
+    from safetensors.torch import load_file
+
     for name in ("sft", "fkl", "rkl", "todi"):
         run = out / "runs" / name / "seed0"
         scores = [
             r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "dev_rougeL" in r
         ]
         assert [r["step"] for r in scores] == [1, 2, 3]
-        best = max(scores, key=lambda r: r["dev_rougeL"])
-        assert results[name]["steps"] == [best["step"]]
-        assert (run / "best" / "config.json").exists()
+        (step,) = results[name]["steps"]
+        best = load_file(run / "best" / "model.safetensors")
+        saved = load_file(run / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
+        saved = {key.removeprefix("student."): value for key, value in saved.items()}
+        assert best.keys() <= saved.keys()
+        assert all(torch.equal(best[key], saved[key]) for key in best), name
+        assert next(r for r in scores if r["step"] == step)["dev_rougeL"] == max(
+            r["dev_rougeL"] for r in scores
+        )
     assert "Checkpoints chosen by dev ROUGE-L" in report
     # the held-out fit to the teacher, recomputed here in float64 from the two models
     teacher = next((cache / "demo").glob("teacher-*/final"))
     student = out / "runs" / "fkl" / "seed0" / "best"
-    expected = _fit_float64(teacher, student, out / "data" / "test.jsonl")
+    test = out / "data" / "test.jsonl"
+    expected = _fit_float64(teacher, student, test, demo_report.UNLIKELY)
     for key, value in expected.items():
         assert results["fkl"]["fit"][key]["mean"] == pytest.approx(value, rel=1e-4, abs=1e-6), key
         assert results["fkl"]["fit"][key]["std"] == 0.0  # one training seed
+    # a threshold near 1 / V puts tokens on both sides of it, so the mass check has something to count
+    near = 1.0 / len(demo_tasks.vocabulary())
+    fit = demo_report.heldout_fit(teacher, {"fkl": student}, test, max_examples=8, unlikely=near)["fkl"]
+    reference = _fit_float64(teacher, student, test, near)
+    assert 0.01 < reference["unlikely_mass"] < 0.99
+    assert fit["unlikely_mass"] == pytest.approx(reference["unlikely_mass"], rel=1e-4)
     assert "Held-out fit to the teacher" in report and "closer to the teacher than the SFT-only" in report
     # the second run takes the cached teacher
     assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache)]) == 0

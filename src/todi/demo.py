@@ -28,6 +28,9 @@ from todi.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
+# The sampling seed of the dev ROUGE-L that picks each student's checkpoint.
+DEV_SEED = 10
+
 # Every demo answer fits in far fewer tokens; generation stops at EOS anyway.
 EVAL_MAX_NEW_TOKENS = 24
 
@@ -45,7 +48,7 @@ class Config:
 
     out: str = _opt("todi-demo", "output folder: data/, runs/, eval/, report.md and figures")
     quick: bool = _opt(
-        False, "a smaller, faster profile (one training seed; about a sixth of the default time)"
+        False, "a smaller, faster profile (one training seed; about an eighth of the default time)"
     )
     all: bool = _opt(False, "train a student for every objective in the registry, not only FKL/RKL/ToDi")
     seed: int = _opt(0, "seed of the data generator, initialisation and data order")
@@ -81,9 +84,22 @@ class Profile:
     dev_evals: int = 4
     dev_examples: int = 50
 
+    def __post_init__(self) -> None:
+        if self.dev_evals < 1 or self.dev_examples < 1:
+            raise UsageError(
+                f"a demo profile needs dev_evals >= 1 and dev_examples >= 1, got {self.dev_evals} and "
+                f"{self.dev_examples}",
+                "students are chosen by dev ROUGE-L, so score them at least once on at least one dev task",
+            )
+
     @property
     def teacher_data(self) -> int:
         return self.teacher_examples or self.train_examples
+
+    @property
+    def dev_every(self) -> int:
+        """Steps between two dev ROUGE-L scores of a student."""
+        return max(self.student_steps // self.dev_evals, 1)
 
 
 # The students' labelled budget is a small share of the teacher's data: the regime where a teacher's
@@ -171,8 +187,8 @@ def _dev_options(profile: Profile, data: Path) -> dict[str, Any]:
     return dict(
         dev=str(data),
         dev_max_examples=profile.dev_examples,
-        eval_every=max(profile.student_steps // profile.dev_evals, 1),
-        eval_seeds="10",
+        eval_every=profile.dev_every,
+        eval_seeds=str(DEV_SEED),
         eval_max_new_tokens=EVAL_MAX_NEW_TOKENS,
         eval_batch_size=64,
         save_best=1,
@@ -223,13 +239,13 @@ def _teacher(config: Config, profile: Profile, tokenizer: Any, data: Path, work:
 def _students(
     config: Config, profile: Profile, tokenizer: Any, data: Path, teacher: Path, runs: Path
 ) -> dict[str, list[Path]]:
-    """Final folders of every objective's students, one per seed in ``profile.student_seeds``; the seed
-    sets initialisation and data order, shared by all objectives."""
+    """Every objective's students (their best dev ROUGE-L checkpoints), one per seed in
+    ``profile.student_seeds``; the seed sets initialisation and data order, shared by all objectives."""
     from todi.divergences import DIVERGENCES
     from todi.training import DistillConfig, SFTConfig, train
 
     objectives = ["sft", *(DIVERGENCES if config.all else ("fkl", "rkl", "todi"))]
-    finals: dict[str, list[Path]] = {objective: [] for objective in objectives}
+    chosen: dict[str, list[Path]] = {objective: [] for objective in objectives}
     for offset in profile.student_seeds:
         seed = config.seed + offset
         init = _save_init(
@@ -254,18 +270,20 @@ def _students(
                     DistillConfig(teacher=str(teacher), student=str(init), loss=objective, **options)
                 )
             best = Path(options["out"]) / "best"
-            finals[objective].append(best if best.is_dir() else final)
-    return finals
+            chosen[objective].append(best if best.is_dir() else final)
+    return chosen
 
 
 def chosen_step(model: Path) -> int | None:
-    """The training step of a student folder: its run's best dev ROUGE-L for ``best/`` (the first of equal
-    scores, as training keeps it), the last step for ``final/``; None when the run logged neither."""
-    records = [json.loads(line) for line in (model.parent / "metrics.jsonl").read_text().splitlines()]
-    if model.name == "best":
-        scored = [r for r in records if "dev_rougeL" in r]
-        return max(scored, key=lambda r: r["dev_rougeL"])["step"] if scored else None
-    return max((r["step"] for r in records if "step" in r), default=None)
+    """The training step a student folder holds, as its run's newest checkpoint records it: the step of the
+    best dev score for ``best/``, the last step for ``final/``; None when the run kept no checkpoint."""
+    from todi.checkpoint import STATE_NAME, TrainerState, list_checkpoints
+
+    checkpoints = list_checkpoints(model.parent)
+    if not checkpoints:
+        return None
+    state = TrainerState.from_file(checkpoints[-1] / STATE_NAME)
+    return state.best_step if model.name == "best" else state.global_step
 
 
 def _exact_match(prediction: str, references: tuple[str, ...]) -> float:
@@ -314,7 +332,7 @@ def _evaluate(
             means = [statistics.fmean(r[column]) for r in runs]
             spread = means if len(means) > 1 else runs[0][column]
             summary[key] = statistics.fmean(means)
-            summary[f"{key}_std"] = statistics.pstdev(spread)
+            summary[f"{key}_std"] = statistics.stdev(spread) if len(spread) > 1 else 0.0
             summary[f"{key}_per_run"] = means
         results[name] = summary
         logger.info("%s: ROUGE-L %.1f, exact match %.1f", name, summary["rougeL"], summary["exact"])
@@ -358,14 +376,14 @@ def run(config: Config) -> None:
         results[name]["fit"] = {
             key: {
                 "mean": statistics.fmean(r[key] for r in per_run),
-                "std": statistics.pstdev([r[key] for r in per_run]),
+                "std": statistics.stdev([r[key] for r in per_run]) if len(per_run) > 1 else 0.0,
             }
             for key in per_run[0]
         }
     elapsed = time.perf_counter() - start
     report = demo_report.write_report(
         out, results=results, runs=runs, teacher=teacher, student=students["todi"][0] if "todi" in students else None, test=paths["test"],
-        profile={**dataclasses.asdict(profile), "teacher_data": profile.teacher_data}, elapsed=elapsed, teacher_seconds=teacher_seconds, quick=config.quick,
+        profile={**dataclasses.asdict(profile), "teacher_data": profile.teacher_data, "dev_every": profile.dev_every, "dev_seed": DEV_SEED}, elapsed=elapsed, teacher_seconds=teacher_seconds, quick=config.quick,
     )  # fmt: skip
     print(report.read_text(encoding="utf-8"))
     print(f"total time {elapsed / 60:.1f} min; report in {out / 'report.md'}")

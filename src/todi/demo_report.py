@@ -85,10 +85,9 @@ def _answer_logits(
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     logits = []
-    with torch.no_grad():
-        for path in models:
-            model = AutoModelForCausalLM.from_pretrained(path).eval()
-            logits.append(model(**inputs).logits[:, :-1][keep].float())
+    for path in models:
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        logits.append(model(**inputs).logits[:, :-1][keep].float())
     return logits, labels[keep]
 
 
@@ -114,16 +113,16 @@ def todi_weight_statistics(teacher: Path, student: Path, test: Path, *, temperat
 UNLIKELY = 1e-4
 
 
-def heldout_fit(teacher: Path, students: dict[str, Path], test: Path, *,
-                max_examples: int = 200) -> dict[str, dict[str, float]]:  # fmt: skip
+def heldout_fit(teacher: Path, students: dict[str, Path], test: Path, *, max_examples: int = 200,
+                unlikely: float = UNLIKELY) -> dict[str, dict[str, float]]:  # fmt: skip
     """How closely each student matches the teacher on the test answers under teacher forcing, at T = 1:
     ``ce`` (cross-entropy of the reference tokens), ``fkl`` = KL(p || q), ``rkl`` = KL(q || p) (means over
-    positions) and ``unlikely_mass``: the student's mean probability on tokens with p < 1e-4, which
+    positions) and ``unlikely_mass``: the student's mean probability on tokens with p < ``unlikely``, which
     sampling turns into wrong words. Far less noisy than sampled ROUGE-L."""
     names = list(students)
     logits, labels = _answer_logits([teacher, *students.values()], test, max_examples)
     lp = logits[0].log_softmax(-1)
-    unlikely = lp < math.log(UNLIKELY)
+    ruled_out = lp < math.log(unlikely)
     fits = {}
     for name, student_logits in zip(names, logits[1:]):
         lq = student_logits.log_softmax(-1)
@@ -131,7 +130,7 @@ def heldout_fit(teacher: Path, students: dict[str, Path], test: Path, *,
             "ce": float(torch.nn.functional.nll_loss(lq, labels)),
             "fkl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
             "rkl": float((lq.exp() * (lq - lp)).sum(-1).mean()),
-            "unlikely_mass": float((lq.exp() * unlikely).sum(-1).mean()),
+            "unlikely_mass": float((lq.exp() * ruled_out).sum(-1).mean()),
         }
     return fits
 
@@ -228,18 +227,17 @@ def write_report(out: Path, *, results: dict[str, dict[str, float]], runs: Path,
     if fit_rows:
         fit_text = (
             "Held-out fit to the teacher (teacher forcing on the test answers, T = 1; the mean over training "
-            "seeds ± their std): less noisy than sampled ROUGE-L, and where a distillation effect shows first.\n\n"
-            + "\n".join(fit_rows)
+            f"seeds{' ± their std' if len(profile['student_seeds']) > 1 else ''}): less noisy than sampled "
+            "ROUGE-L, and where a distillation effect shows first.\n\n" + "\n".join(fit_rows)
         )
     chosen = [f"{n} {', '.join(map(str, r['steps']))}" for n, r in results.items() if r.get("steps")]
     if chosen:
         lines.append(f"Checkpoints chosen by dev ROUGE-L (step per training seed): {'; '.join(chosen)}.")
     dev_line = ""
-    if "dev_evals" in profile:
-        every = max(profile["student_steps"] // profile["dev_evals"], 1)
+    if "dev_every" in profile:
         dev_line = (
             f"As in the paper, each student is the checkpoint\nwith the best dev ROUGE-L ({profile['dev_examples']} "
-            f"dev tasks, sampling seed 10, scored every {every} steps)."
+            f"dev tasks, sampling seed {profile['dev_seed']}, scored every {profile['dev_every']} steps)."
         )
     text = f"""# todi demo report
 

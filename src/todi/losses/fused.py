@@ -208,7 +208,9 @@ def _run_kernel(
         kernel, args = _sparse_chunk_kernel, (z, *teacher, targets, scale, objective, need_grad)
     else:
         kernel, args = _chunk_kernel, (z, teacher, targets, scale, objective, need_grad, safe)
-    key = (objective, need_grad, safe, tuple(z.shape), z.device.type, kernel.__name__)
+    # A sparse teacher's k is a shape of its own graph; counted so the recompile limit leaves room for it.
+    k = teacher[0].shape[-1] if isinstance(teacher, tuple) else None
+    key = (objective, need_grad, safe, tuple(z.shape), z.device.type, kernel.__name__, k)
     if compiled and key not in _COMPILE_FAILED:
         compiled_kernel = _COMPILED.get(key)
         if compiled_kernel is None:
