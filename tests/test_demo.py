@@ -158,3 +158,17 @@ def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 2
     assert "not a todi demo folder" in capsys.readouterr().err
     assert (tmp_path / "something.txt").read_text() == "mine"
+
+
+def test_a_profile_without_dev_scoring_is_refused():
+    from todi.errors import UsageError
+
+    sizes = dict(
+        train_examples=64, test_examples=8, eval_seeds=(10,), teacher_layers=1, teacher_hidden=32,
+        teacher_steps=4, student_layers=1, student_hidden=32, student_steps=3,
+    )  # fmt: skip
+    for bad in ({"dev_evals": 0}, {"dev_examples": 0}):
+        with pytest.raises(UsageError, match="dev_evals >= 1 and dev_examples >= 1"):
+            demo.Profile(**sizes, **bad)
+    assert demo.Profile(**sizes, dev_evals=2).dev_every == 1
+    assert demo.Profile(**{**sizes, "student_steps": 400}).dev_every == 100
