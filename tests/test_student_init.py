@@ -237,6 +237,30 @@ def test_random_student_has_the_small_architecture_but_no_teacher_weights(teache
     assert json.loads((folders[0] / INIT_RECORD).read_text())["random"] is True
 
 
+def test_random_student_never_reads_the_teacher_weights(teachers, tmp_path):
+    # The same seed gives the same random student whether or not the teacher's weights exist.
+    import shutil
+
+    weightless = tmp_path / "teacher"
+    shutil.copytree(teachers["llama"], weightless)
+    for weights in weightless.glob("*.safetensors"):
+        weights.unlink()
+    with_weights, without = tmp_path / "a", tmp_path / "b"
+    run(Config(teacher=str(teachers["llama"]), layers="0,3", out=str(with_weights), random=True, seed=5))
+    run(Config(teacher=str(weightless), layers="0,3", out=str(without), random=True, seed=5))
+    a, b = _load(with_weights), _load(without)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert a.generation_config.to_dict() == b.generation_config.to_dict()
+    record = json.loads((without / INIT_RECORD).read_text())
+    assert record["student_parameters"] == sum(p.numel() for p in b.parameters())
+    assert record["teacher_parameters"] == sum(p.numel() for p in _load(teachers["llama"]).parameters())
+    # layer copying does need them, and says which model could not be loaded
+    with pytest.raises(TodiError, match="cannot load model"):
+        run(Config(teacher=str(weightless), layers="0,3", out=str(tmp_path / "c")))
+
+
 def test_existing_output_is_kept_unless_overwrite(teachers, tmp_path):
     out = tmp_path / "student"
     out.mkdir()

@@ -5,7 +5,7 @@ takes its transformer blocks from the chosen teacher layers (student layer ``i``
 layer ``layers[i]``); only ``num_hidden_layers`` (and per-layer config lists such as ``layer_types``)
 changes. Such a student starts far closer to the teacher than a random one, the usual initialisation
 for layer-pruned distillation. ``--random`` writes the same smaller architecture randomly initialised,
-the baseline to compare against. Any causal LM whose blocks sit in one ``nn.ModuleList`` works: Llama,
+the baseline to compare against, from the teacher's config alone (its weights are never read). Any causal LM whose blocks sit in one ``nn.ModuleList`` works: Llama,
 Mistral, Qwen2, GPT-2, GPT-NeoX and most others that ``AutoModelForCausalLM`` loads; the teacher may be
 a folder, a Hub id or a GGUF file (see :func:`todi.models.resolve_model_path`).
 
@@ -26,6 +26,7 @@ the teacher and the layers taken.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -273,6 +274,19 @@ def _teacher_num_layers(path: str, source: str, trust_remote_code: bool) -> int:
     return num_layers
 
 
+def _weightless_teacher(path: str, trust_remote_code: bool) -> nn.Module:
+    """The teacher's class, config and generation config on the meta device: all a random student needs,
+    without reading (or holding) the teacher's weights, which for a 70B teacher would be 140 GB."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    teacher_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(teacher_config, trust_remote_code=trust_remote_code)
+    with contextlib.suppress(OSError):  # without generation_config.json, keep the config-derived one
+        teacher.generation_config = GenerationConfig.from_pretrained(path)
+    return teacher
+
+
 def run(config: Config) -> None:
     """Write the student ``config`` describes; every option is checked before any weights load."""
     _check_options(config)
@@ -285,7 +299,10 @@ def run(config: Config) -> None:
 
     dtype = DTYPES[config.dtype]
     tokenizer = load_tokenizer(teacher_path, trust_remote_code=config.trust_remote_code)
-    teacher = load_causal_lm(teacher_path, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    if config.random:
+        teacher = _weightless_teacher(teacher_path, config.trust_remote_code)
+    else:
+        teacher = load_causal_lm(teacher_path, dtype=dtype, trust_remote_code=config.trust_remote_code)
     student = make_student(teacher, layers, random_init=config.random, seed=config.seed).to(dtype)
     _, teacher_total = count_parameters(teacher)
     _, student_total = count_parameters(student)
