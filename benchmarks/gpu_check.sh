@@ -61,29 +61,13 @@ for dtype in float32 bfloat16; do
 done
 
 echo "== tables (from the JSON files: complete up to the last finished case)"
-python3 - "$OUT" <<'EOF'
-import json, sys
-from pathlib import Path
-for dtype in ("float32", "bfloat16"):
-    path = Path(sys.argv[1]) / f"loss_bench_cuda_{dtype}.json"
-    if not path.is_file():
-        print(f"{path.name}: missing")
-        continue
-    rows = json.loads(path.read_text())
-    names = {r.get("device_name") for r in rows if r.get("device_name")}
-    print(f"\n{path.name}: {', '.join(sorted(names)) or '?'} | torch {rows[0].get('torch', '?') if rows else '?'}")
-    print("| shape | N | case | fwd+bwd median (ms) | x floor | peak MiB above inputs | % of naive peak |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "median_s" not in r:
-            print(f"| {r['shape']} | {r['n']} | {r['case']} | {r.get('skipped') or r.get('error')} | | | |")
-            continue
-        same = {x["case"]: x for x in rows if (x["shape"], x["n"]) == (r["shape"], r["n"]) and "median_s" in x}
-        floor = same.get("floor", {}).get("median_s")
-        naive = same.get("naive-todi", {}).get("peak_mib_above_inputs")
-        ratio = f"{r['median_s'] / floor:.2f}" if floor else "-"
-        share = f"{100 * r['peak_mib_above_inputs'] / naive:.1f}%" if naive else "-"
-        print(f"| {r['shape']} | {r['n']} | {r['case']} | {1000 * r['median_s']:.2f} | {ratio} | "
-              f"{r['peak_mib_above_inputs']:.0f} | {share} |")
-EOF
+for dtype in float32 bfloat16; do
+    results="$OUT/loss_bench_cuda_$dtype.json"
+    if [ -f "$results" ]; then
+        echo "$(basename "$results"):"
+        python3 benchmarks/loss_bench.py --print "$results"
+    else
+        echo "$(basename "$results"): missing"
+    fi
+done
 echo "total ${SECONDS}s"

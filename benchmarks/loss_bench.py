@@ -21,6 +21,7 @@ each record names the device, its name, the dtype and the torch version; a case 
     python benchmarks/loss_bench.py                       # the full table, writes benchmarks/results/loss_bench.json
     python benchmarks/loss_bench.py --sizes 1024 --shapes smollm2 --repeats 3
     python benchmarks/loss_bench.py --device cuda --dtype bfloat16   # N = 4096, 16384; loss_bench_cuda_bfloat16.json
+    python benchmarks/loss_bench.py --print benchmarks/results/loss_bench_cuda_float32.json   # table only
 """
 
 from __future__ import annotations
@@ -199,8 +200,16 @@ def _run_case(
 
 
 def _print_table(results: list[dict]) -> None:
+    """The results as a markdown table: times in ms on a GPU (s on the CPU), each case against the
+    floor's time and naive ToDi's peak memory of the same shape and N."""
+    gpu = any(r.get("device") == "cuda" for r in results)
+    names = sorted({r["device_name"] for r in results if r.get("device_name")})
+    torch_versions = sorted({r["torch"] for r in results if r.get("torch")})
+    if names:  # files written before these were recorded have neither
+        print(f"\n{', '.join(names)} | torch {', '.join(torch_versions)}")
+    unit, scale = ("ms", 1000.0) if gpu else ("s", 1.0)
     print(
-        "\n| shape | N | case | fwd+bwd median (s) | x floor | peak MiB above inputs | % of naive-todi peak |"
+        f"\n| shape | N | case | fwd+bwd median ({unit}) | x floor | peak MiB above inputs | % of naive-todi peak |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -216,7 +225,7 @@ def _print_table(results: list[dict]) -> None:
         ratio = f"{r['median_s'] / floor:.2f}" if floor else "-"
         share = f"{100 * r['peak_mib_above_inputs'] / naive_peak:.1f}%" if naive_peak else "-"
         print(
-            f"| {r['shape']} | {r['n']} | {r['case']} | {r['median_s']:.3f} | {ratio} | "
+            f"| {r['shape']} | {r['n']} | {r['case']} | {scale * r['median_s']:.{2 if gpu else 3}f} | {ratio} | "
             f"{r['peak_mib_above_inputs']:.0f} | {share} |"
         )
 
@@ -246,8 +255,18 @@ def main() -> None:
         default=None,
         help="JSON file; default " + ", ".join(f"{d}: {RESULTS / p}" for d, p in DEFAULT_OUT.items()),
     )
+    parser.add_argument(
+        "--print",
+        dest="print_only",
+        metavar="JSON",
+        help="only print the table of a results file written earlier",
+    )
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.print_only:
+        _print_table(json.loads(Path(args.print_only).read_text()))
+        return
 
     if args._one:  # child process: one case, JSON on stdout
         case, n, hidden, vocab = args._one.split(":")
