@@ -194,23 +194,26 @@ def build_assets(work: Path, args: argparse.Namespace) -> Assets:
 
 def build_cache(assets: Assets, work: Path, k: int, args: argparse.Namespace) -> tuple[Path, float]:
     """A k-token cache over the first ``--max-examples`` examples, and the seconds its build took."""
-    from todi import cache
-
-    out = work / f"cache-k{k}"
-    shutil.rmtree(out, ignore_errors=True)  # a complete cache would be reused: time a fresh build
-    config = cache.Config(
+    return timed_cache(
+        work / f"cache-k{k}",
         teacher=assets.teacher,
         data=assets.data,
-        out=str(out),
         top_k=k,
-        temperatures=TEMPERATURES,
         batch_size=args.batch_size,
         template=assets.template,
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
         max_examples=args.max_examples,
-        overwrite=True,
     )
+
+
+def timed_cache(out: Path, **options: Any) -> tuple[Path, float]:
+    """``todi cache-teacher`` into ``out`` (``options``: the rest of its Config, temperatures aside) built
+    afresh, and the seconds the build took."""
+    from todi import cache
+
+    shutil.rmtree(out, ignore_errors=True)  # a complete cache would be reused: time a fresh build
+    config = cache.Config(out=str(out), temperatures=TEMPERATURES, overwrite=True, **options)
     started = time.perf_counter()
     cache.build_cache(config)
     return out, time.perf_counter() - started
@@ -229,8 +232,9 @@ def tail_mass(folder: Path) -> dict[str, float]:
 
     from todi.losses.sparse import SparseTeacher
 
+    manifest = read_manifest(folder)
     tails, tempered = [], []
-    for shard in read_manifest(folder)["shards"]:
+    for shard in manifest["shards"]:
         with safe_open(str(folder / shard["file"]), framework="pt") as file:
             tail = file.get_tensor("tail").double()
             tails.append(tail.exp())
@@ -239,7 +243,7 @@ def tail_mass(folder: Path) -> dict[str, float]:
                 torch.zeros(logprobs.shape, dtype=torch.long),  # ids do not enter the bucket masses
                 logprobs,
                 tail,
-                vocab_size=read_manifest(folder)["vocab_size"],
+                vocab_size=manifest["vocab_size"],
                 tempered_tails={2.0: file.get_tensor("tail_T2").double()},
             )
             tempered.append(sparse.bucket_log_probs(2.0)[:, -1].exp())
@@ -475,7 +479,7 @@ def _std(values: list[float]) -> float | None:
 
 
 def part_quality(work: Path, args: argparse.Namespace) -> dict:
-    from todi import cache, demo, demo_report, demo_tasks
+    from todi import demo, demo_report, demo_tasks
     from todi.training import DistillConfig, train
 
     profile = _demo_profile(args.demo_profile)
@@ -498,25 +502,17 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict:
     build_s: dict[int, float] = {}
     for k in args.quality_ks:
         print(f"quality: building the k = {k} cache of the demo teacher ...", flush=True)
-        folders[k] = root / f"cache-k{k}"
-        shutil.rmtree(folders[k], ignore_errors=True)
-        started = time.perf_counter()
-        cache.build_cache(
-            cache.Config(
-                teacher=str(teacher),
-                data=str(data),
-                out=str(folders[k]),
-                top_k=k,
-                temperatures=TEMPERATURES,
-                batch_size=64,
-                template=options["template"],
-                max_length=options["max_length"],
-                max_prompt_length=options["max_prompt_length"],
-                max_examples=examples,
-                overwrite=True,
-            )
+        folders[k], build_s[k] = timed_cache(
+            root / f"cache-k{k}",
+            teacher=str(teacher),
+            data=str(data),
+            top_k=k,
+            batch_size=64,
+            template=options["template"],
+            max_length=options["max_length"],
+            max_prompt_length=options["max_prompt_length"],
+            max_examples=examples,
         )
-        build_s[k] = time.perf_counter() - started
     manifest = read_manifest(folders[args.quality_ks[0]])
 
     # "online", then "k<k>-<tail>" for every cache size and tail mode
