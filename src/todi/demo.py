@@ -291,6 +291,11 @@ def _exact_match(prediction: str, references: tuple[str, ...]) -> float:
     return 100.0 * any(normalised == " ".join(r.split()) for r in references)
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for a single value) of per-seed scores."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _evaluate(
     models: dict[str, list[Path]], test: Path, profile: Profile, out: Path
 ) -> dict[str, dict[str, Any]]:
@@ -330,9 +335,8 @@ def _evaluate(
         summary: dict[str, Any] = {"runs": len(runs)}
         for key, column in (("rougeL", 0), ("exact", 1)):
             means = [statistics.fmean(r[column]) for r in runs]
-            spread = means if len(means) > 1 else runs[0][column]
-            summary[key] = statistics.fmean(means)
-            summary[f"{key}_std"] = statistics.stdev(spread) if len(spread) > 1 else 0.0
+            summary[key], _ = _mean_std(means)
+            _, summary[f"{key}_std"] = _mean_std(means if len(means) > 1 else runs[0][column])
             summary[f"{key}_per_run"] = means
         results[name] = summary
         logger.info("%s: ROUGE-L %.1f, exact match %.1f", name, summary["rougeL"], summary["exact"])
@@ -374,11 +378,7 @@ def run(config: Config) -> None:
         results[name]["steps"] = [chosen_step(folder) for folder in folders]
         per_run = [fits[f"{name}/{i}"] for i in range(len(folders))]
         results[name]["fit"] = {
-            key: {
-                "mean": statistics.fmean(r[key] for r in per_run),
-                "std": statistics.stdev([r[key] for r in per_run]) if len(per_run) > 1 else 0.0,
-            }
-            for key in per_run[0]
+            key: dict(zip(("mean", "std"), _mean_std([r[key] for r in per_run]))) for key in per_run[0]
         }
     elapsed = time.perf_counter() - start
     report = demo_report.write_report(

@@ -111,6 +111,8 @@ def todi_weight_statistics(teacher: Path, student: Path, test: Path, *, temperat
 
 # A token the teacher gives less than this is one it would (almost) never say.
 UNLIKELY = 1e-4
+# What heldout_fit measures, in the report's column order.
+FIT_KEYS = ("ce", "fkl", "rkl", "unlikely_mass")
 
 
 def heldout_fit(teacher: Path, students: dict[str, Path], test: Path, *, max_examples: int = 200,
@@ -210,14 +212,13 @@ def write_report(out: Path, *, results: dict[str, dict[str, float]], runs: Path,
         for name, f in fitted.items():
             several = len(profile["student_seeds"]) > 1
             cells = " | ".join(
-                f"{f[k]['mean']:.3f}" + (f" ± {f[k]['std']:.3f}" if several else "")
-                for k in ("ce", "fkl", "rkl", "unlikely_mass")
+                f"{f[k]['mean']:.3f}" + (f" ± {f[k]['std']:.3f}" if several else "") for k in FIT_KEYS
             )
             fit_rows.append(f"| {name} | {cells} |")
         if "sft" in fitted:
             closer = [
                 n for n, f in fitted.items()
-                if n != "sft" and all(f[k]["mean"] < fitted["sft"][k]["mean"] for k in ("ce", "fkl", "rkl", "unlikely_mass"))
+                if n != "sft" and all(f[k]["mean"] < fitted["sft"][k]["mean"] for k in FIT_KEYS)
             ]  # fmt: skip
             fit_rows.append(
                 f"\nDistilled students closer to the teacher than the SFT-only student on all four: "
