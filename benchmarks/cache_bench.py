@@ -227,32 +227,16 @@ def tail_mass(folder: Path) -> dict[str, float]:
     """Mean, median and max over positions of the teacher mass outside the stored top k (exp of the tail),
     and the mean share of the tail bucket at T = 2 (the distillation temperature; tempering flattens the
     distribution, so the bucket holds far more there)."""
-    import torch
-    from safetensors import safe_open
+    from todi.cache import TeacherCache
 
-    from todi.losses.sparse import SparseTeacher
-
-    manifest = read_manifest(folder)
-    tails, tempered = [], []
-    for shard in manifest["shards"]:
-        with safe_open(str(folder / shard["file"]), framework="pt") as file:
-            tail = file.get_tensor("tail").double()
-            tails.append(tail.exp())
-            logprobs = file.get_tensor("logprobs").double()
-            sparse = SparseTeacher(
-                torch.zeros(logprobs.shape, dtype=torch.long),  # ids do not enter the bucket masses
-                logprobs,
-                tail,
-                vocab_size=manifest["vocab_size"],
-                tempered_tails={2.0: file.get_tensor("tail_T2").double()},
-            )
-            tempered.append(sparse.bucket_log_probs(2.0)[:, -1].exp())
-    mass = torch.cat(tails)
+    stored = TeacherCache(folder)
+    rows = stored.rows(list(range(len(stored))))
+    mass = rows.tail.double().exp()
     return {
         "mean": mass.mean().item(),
         "median": mass.median().item(),
         "max": mass.max().item(),
-        "mean_at_T2": torch.cat(tempered).mean().item(),
+        "mean_at_T2": rows.bucket_log_probs(2.0)[:, -1].exp().mean().item(),
     }
 
 
