@@ -264,26 +264,23 @@ def _students(
             )
             options |= _dev_options(profile, data)
             if objective == "sft":
-                final = train(SFTConfig(model=str(init), **options))
+                train(SFTConfig(model=str(init), **options))
             else:
-                final = train(
-                    DistillConfig(teacher=str(teacher), student=str(init), loss=objective, **options)
-                )
-            best = Path(options["out"]) / "best"
-            chosen[objective].append(best if best.is_dir() else final)
+                train(DistillConfig(teacher=str(teacher), student=str(init), loss=objective, **options))
+            # Profile guarantees at least one dev score, and the first always exports best/.
+            chosen[objective].append(Path(options["out"]) / "best")
     return chosen
 
 
-def chosen_step(model: Path) -> int | None:
-    """The training step a student folder holds, as its run's newest checkpoint records it: the step of the
-    best dev score for ``best/``, the last step for ``final/``; None when the run kept no checkpoint."""
+def chosen_step(best: Path) -> int | None:
+    """The training step a run's ``best/`` folder holds, as the run's newest checkpoint records it; None
+    when the run kept no checkpoint."""
     from todi.checkpoint import STATE_NAME, TrainerState, list_checkpoints
 
-    checkpoints = list_checkpoints(model.parent)
+    checkpoints = list_checkpoints(best.parent)
     if not checkpoints:
         return None
-    state = TrainerState.from_file(checkpoints[-1] / STATE_NAME)
-    return state.best_step if model.name == "best" else state.global_step
+    return TrainerState.from_file(checkpoints[-1] / STATE_NAME).best_step
 
 
 def _exact_match(prediction: str, references: tuple[str, ...]) -> float:
