@@ -6,7 +6,8 @@ Three parts, each selectable with ``--part`` (comma-separated; default all three
               ``bytes_per_position``: shard files over supervised positions, so per-example keys and
               safetensors headers included) next to the theoretical size of one position's row:
               k ids (2 bytes each when the vocabulary fits 16 bits) + k log-probs (float16) + 4 bytes of
-              tail + 4 per stored temperature. Also the mean teacher tail mass (exp of the stored tail),
+              tail + 4 per stored temperature + per temperature the tail draws (M = 16 ids on average)
+              and a byte for their count. Also the mean teacher tail mass (exp of the stored tail),
               i.e. how much probability the top k leave out. Target: <= 300 bytes per position at k = 64.
   throughput  ``todi distill`` tokens/s from the k = 64 cache vs running the teacher online: the same
               student, data, batch, steps and seed, ``train(DistillConfig(...))`` twice in this one
@@ -241,10 +242,13 @@ def tail_mass(folder: Path) -> dict[str, float]:
 
 
 def theoretical_bytes(manifest: dict[str, Any]) -> int:
-    """Bytes of one position's row: k ids, k log-probs, the tail and one tail per stored temperature."""
+    """Bytes of one position's row: k ids, k log-probs, the tail, one tail per stored temperature and
+    the tail samples (one id each) per sampled temperature."""
     id_bytes = 2 if manifest["id_encoding"].startswith("int16") else 4
     logprob_bytes = 2 if manifest["logprob_dtype"] == "float16" else 4
-    return manifest["top_k"] * (id_bytes + logprob_bytes) + 4 + 4 * len(manifest["temperatures"])
+    # per sampled temperature: M draws on average (an id each) and one byte for the row's count
+    samples = (manifest.get("tail_samples", 0) * id_bytes + 1) * len(manifest.get("sample_temperatures", []))
+    return manifest["top_k"] * (id_bytes + logprob_bytes) + 4 + 4 * len(manifest["temperatures"]) + samples
 
 
 # --------------------------------------------------------------------------------------------------
@@ -667,7 +671,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ks", default="16,64,256", help="storage: cache sizes k")
     parser.add_argument(
         "--cache-tail",
-        default="bucket,uniform",
+        default="bucket,uniform,sampled",
         help="throughput and quality: comma-separated todi distill --cache-tail modes, side by side",
     )
     parser.add_argument("--max-examples", type=int, help="storage/throughput: examples cached (full 64)")

@@ -158,13 +158,14 @@ def test_bucket_gradient_matches_finite_differences(name):
 
 @pytest.mark.parametrize("k", [7, 31])  # with a tail bucket, and k = V (none)
 @pytest.mark.parametrize("name", DIVERGENCES)
-@pytest.mark.parametrize("mode", ["bucket", "uniform"])
+@pytest.mark.parametrize("mode", ["bucket", "uniform", "sampled"])
 def test_fused_sparse_path_equals_materialised(name, k, mode):
     """The fused kernels (the bucket's hand-written chain rule, the dense one for a spread tail) against
     autograd through the materialised loss; with k = V (nothing in the tail) both equal the online loss."""
     hidden, weight, teacher, labels = _problem(n=40, v=31)
     keep = labels != -100
-    sparse = SparseTeacher.from_logits(teacher[keep].float(), k, (2.0,))
+    g = torch.Generator().manual_seed(0)
+    sparse = SparseTeacher.from_logits(teacher[keep].float(), k, (2.0,), tail_samples=5, generator=g)
     sparse.tail_mode = mode
     h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
     fused = fused_linear_distillation_loss(
@@ -184,10 +185,12 @@ def test_fused_sparse_path_equals_materialised(name, k, mode):
         torch.testing.assert_close(fused.loss, online.loss, atol=1e-5, rtol=1e-5)
 
 
-def test_underflowed_tail_gives_finite_gradients():
+@pytest.mark.parametrize("mode", ["bucket", "uniform", "sampled"])
+def test_underflowed_tail_gives_finite_gradients(mode):
     hidden, weight, teacher, labels = _problem(n=12, v=20)
     keep = labels != -100
-    sparse = SparseTeacher.from_logits(teacher[keep].float(), 5, (2.0,))
+    sparse = SparseTeacher.from_logits(teacher[keep].float(), 5, (2.0,), tail_samples=4)
+    sparse.tail_mode = mode
     sparse.tail[0] = -math.inf  # a teacher row with no mass left outside its top k
     sparse.tempered_tails[2.0][0] = -math.inf
     h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
@@ -246,11 +249,21 @@ def test_cache_files_manifest_and_bytes(models, tmp_path):
     assert manifest["id_encoding"] == "int16+32768" and len(manifest["shards"]) == 3  # 24 examples / 10
     for key in ("teacher_config_hash", "tokenizer_hash", "data_file_sha256", "template", "max_length"):
         assert manifest[key]
+    assert manifest["tail_samples"] == 16 and manifest["sample_temperatures"] == [2.0]
     with safe_open(str(tmp_path / "c" / "shard-00000.safetensors"), "pt") as f:
         assert f.get_tensor("ids").dtype == torch.int16 and f.get_tensor("logprobs").dtype == torch.float16
         rows = int(f.get_tensor("offsets")[-1])
-    # 16 ids x 2 bytes + 16 log-probs x 2 bytes + tail + tail at T=2 (4 bytes each) per position
-    assert 72 <= manifest["bytes_per_position"] < 72 + 2000 / max(rows, 1) + 40
+        # 16 draws per position on average, stored flat (int16), and one byte per position saying how many
+        assert (
+            f.get_tensor("tail_ids_T2").shape == (16 * rows,)
+            and f.get_tensor("tail_ids_T2").dtype == torch.int16
+        )
+        assert (
+            f.get_tensor("tail_draws_T2").dtype == torch.uint8
+            and int(f.get_tensor("tail_draws_T2").sum()) == 16 * rows
+        )
+    # 16 ids x 2 bytes + 16 log-probs x 2 bytes + tail + tail at T=2 (4 bytes each) + 16 draws x 2 + 1
+    assert 105 <= manifest["bytes_per_position"] < 105 + 2000 / max(rows, 1) + 40
 
 
 @needs_tokenizer
@@ -284,12 +297,14 @@ def test_resume_skips_written_shards_and_refuses_other_settings(models, tmp_path
     out = tmp_path / "c"
     assert _cache(models, out, "--top-k", "4") == 0
     first = (out / "shard-00001.safetensors").stat().st_mtime_ns
+    written = (out / "shard-00002.safetensors").read_bytes()
     (out / "shard-00002.safetensors").unlink()
     manifest = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     assert _cache(models, out, "--top-k", "4") == 0
     assert (out / "shard-00001.safetensors").stat().st_mtime_ns == first
-    assert (out / "shard-00002.safetensors").is_file()
+    # the tail samples come from a generator seeded by the examples: the rebuilt shard is the same file
+    assert (out / "shard-00002.safetensors").read_bytes() == written
     assert json.loads((out / "manifest.json").read_text())["complete"]
     assert _cache(models, out, "--top-k", "5") == 2
     assert "other settings (top_k: 4 -> 5" in capsys.readouterr().err
@@ -394,12 +409,166 @@ def test_uniform_tail_matches_float64_reference(name, temperature):
 
 
 @needs_tokenizer
-def test_distill_with_uniform_tail(models, tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["bucket", "uniform"])
+def test_distill_with_other_tail_modes(models, tmp_path, capsys, mode):
     assert _cache(models, tmp_path / "c", "--top-k", "16") == 0
     base = ["distill", "--student", models["student"], "--data", models["data"], "--max-steps", "2", *TINY]
-    cached = [*base, "--teacher-cache", str(tmp_path / "c"), "--cache-tail", "uniform"]
+    cached = [*base, "--teacher-cache", str(tmp_path / "c"), "--cache-tail", mode]
     assert cli.main([*cached, "--out", str(tmp_path / "r")]) == 0
     assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "r"))
-    online = [*base, "--teacher", models["teacher"], "--cache-tail", "uniform", "--out", str(tmp_path / "r2")]
+    online = [*base, "--teacher", models["teacher"], "--cache-tail", mode, "--out", str(tmp_path / "r2")]
     assert cli.main(online) == 2
     assert "--cache-tail applies to --teacher-cache" in capsys.readouterr().err
+
+
+# ---- tail_mode="sampled": the tail mass shared by tokens drawn from the teacher's tail ----------------
+
+
+def _tempered_tail(teacher: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float64: the teacher's distribution at T restricted to the tokens outside ``ids`` (0 on them)."""
+    p = torch.softmax(teacher.double() / temperature, -1)
+    return p.scatter(-1, ids, 0.0)
+
+
+def _sampled_reference(teacher: torch.Tensor, sparse: SparseTeacher, temperature: float) -> torch.Tensor:
+    """float64 from the module's formula: top k exact at T; tail token drawn c of its row's m times gets
+    B ((1 - f) c / m + f / (V - k)), B the exact tail mass at T (B / (V - k) in a row without draws)."""
+    from todi.losses.sparse import TAIL_FLOOR
+
+    n, v = teacher.shape
+    samples = sparse.tail_samples[temperature]
+    valid = samples != -1
+    m, k = valid.sum(-1, keepdim=True).double(), sparse.k
+    tail = _tempered_tail(teacher, sparse.ids, temperature)
+    mass = tail.sum(-1, keepdim=True)
+    counts = torch.zeros(n, v + 1, dtype=torch.float64)
+    counts = counts.scatter_add(-1, torch.where(valid, samples, v), valid.double())[:, :v]
+    drawn = mass * ((1 - TAIL_FLOOR) * counts / m.clamp_min(1) + TAIL_FLOOR / (v - k))
+    shared = torch.where(m > 0, drawn, mass / (v - k))  # a row without draws: even
+    top = torch.softmax(teacher.double() / temperature, -1).gather(-1, sparse.ids)
+    return shared.scatter(-1, sparse.ids, top)
+
+
+def test_tail_draws_are_shared_by_tail_mass_and_systematic():
+    """M x N draws shared among the rows in proportion to their tail mass at T (largest remainders), and
+    within a row systematic: a token holding a share w of the tail is drawn floor(m w) or ceil(m w)
+    times. float64 reference."""
+    teacher = _problem(v=40)[2][:6].clone()
+    teacher[0, 3] += 40  # nearly all of row 0's mass in its top k: its share of the draws rounds to 0
+    m, k, rows = 24, 6, 6
+    sparse = SparseTeacher.from_logits(
+        teacher.float(), k, (2.0,), tail_samples=m, generator=torch.Generator().manual_seed(1)
+    )
+    samples = sparse.tail_samples[2.0]
+    tail = _tempered_tail(teacher, sparse.ids, 2.0)
+    mass = tail.sum(-1)
+    share = mass / mass.sum() * m * rows
+    expected = share.floor()
+    expected[(share - expected).argsort(descending=True)[: m * rows - int(expected.sum())]] += 1
+    drawn = (samples != -1).sum(-1)
+    assert drawn.tolist() == expected.long().tolist() and int(drawn.sum()) == m * rows and drawn[0] == 0
+    for row in range(1, rows):
+        ids = samples[row, : drawn[row]]
+        assert (samples[row, drawn[row] :] == -1).all() and not torch.isin(ids, sparse.ids[row]).any()
+        counts = torch.zeros(40, dtype=torch.float64).scatter_add(
+            0, ids, torch.ones(len(ids), dtype=torch.float64)
+        )
+        target = drawn[row] * tail[row] / mass[row]
+        assert ((counts - target).abs() < 1 + 1e-9).all()
+
+
+def test_sampled_teacher_is_unbiased_up_to_the_floor():
+    """Averaged over independent draws, the sampled teacher is (1 - f) x the true tempered tail + f x the
+    even spread: what makes FKL's gradient right on average. float64 reference; 20,000 draws of m = 4."""
+    from todi.losses.sparse import TAIL_FLOOR, dense_teacher_log_probs
+
+    teacher = _problem(v=30)[2][:1]
+    draws, k, v = 20_000, 5, 30
+    sparse = SparseTeacher.from_logits(
+        teacher.float().expand(draws, -1),
+        k,
+        (2.0,),
+        tail_samples=4,
+        generator=torch.Generator().manual_seed(2),
+    )
+    ids, bucket, samples = sparse.ids, sparse.bucket_log_probs(2.0), sparse.tail_samples[2.0]
+    dense = dense_teacher_log_probs(ids, bucket, v, samples).double().exp()
+    torch.testing.assert_close(dense.sum(-1), torch.ones(draws, dtype=torch.float64), atol=1e-5, rtol=0)
+    tail = _tempered_tail(teacher, ids[:1], 2.0)[0]
+    even = torch.full_like(tail, float(tail.sum()) / (v - k)).scatter(-1, ids[0], 0.0)
+    top = torch.softmax(teacher[0].double() / 2.0, -1) * (tail == 0)
+    expected = top + (1 - TAIL_FLOOR) * tail + TAIL_FLOOR * even
+    sd = (dense.var(0) / draws).sqrt()
+    assert ((dense.mean(0) - expected).abs() <= 5 * sd + 1e-6).all()
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "tvd", "todi"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sampled_tail_matches_float64_reference(name, temperature):
+    hidden, weight, teacher, labels = _problem()
+    keep = labels != -100
+    sparse = SparseTeacher.from_logits(
+        teacher[keep].float(), 6, (temperature,), tail_samples=8, generator=torch.Generator().manual_seed(3)
+    )
+    sparse.tail_mode = "sampled"
+    logits = hidden @ weight.T
+    p = _sampled_reference(teacher[keep], sparse, temperature)
+    q = torch.softmax(logits[keep] / temperature, -1)
+    ce = F.cross_entropy(logits[keep], labels[keep], reduction="sum")
+    expected = (0.5 * ce + 0.5 * _reference(name, p, q).sum()) / keep.sum()
+    got = sparse_distillation_loss(logits.float(), sparse, labels, divergence=name, temperature=temperature)
+    assert abs(float(got.loss) - float(expected)) < 1e-5
+
+
+def test_sampled_tail_without_samples_at_the_temperature_spreads_evenly(caplog):
+    hidden, weight, teacher, labels = _problem()
+    keep = labels != -100
+    sparse = SparseTeacher.from_logits(teacher[keep].float(), 6, (2.0, 3.0), tail_samples=8)
+    sparse.tail_samples.pop(3.0)
+    logits = (hidden @ weight.T).float()
+    sparse.tail_mode = "uniform"
+    even = sparse_distillation_loss(logits, sparse, labels, temperature=3.0)
+    sparse.tail_mode = "sampled"
+    with caplog.at_level("WARNING"):
+        got = sparse_distillation_loss(logits, sparse, labels, temperature=3.0)
+    assert "no tail samples for temperature 3" in caplog.text
+    torch.testing.assert_close(got.loss, even.loss)
+
+
+@needs_tokenizer
+def test_cached_tail_samples_lie_in_the_tail_and_need_a_sampled_cache(models, tmp_path, capsys):
+    from todi.cache import TeacherCache
+    from todi.errors import TodiError
+
+    assert _cache(models, tmp_path / "c", "--top-k", "8", "--temperatures", "1,2", "--tail-samples", "5") == 0
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["temperatures"] == [2.0] and manifest["sample_temperatures"] == [1.0, 2.0]
+    rows = TeacherCache(tmp_path / "c", tail_mode="sampled").rows([0, 13, 23])
+    for t in (1.0, 2.0):
+        samples = rows.tail_samples[t]
+        valid = samples != -1
+        # a random teacher is nearly flat: its tail holds about the same mass everywhere, so 5 draws a row
+        assert samples.shape[0] == len(rows) and valid.sum(-1).float().mean() == pytest.approx(5, abs=1)
+        assert samples[valid].min() >= 0 and samples.max() < 50257
+        assert not (samples.unsqueeze(-1) == rows.ids.unsqueeze(1)).any()  # never one of the top k
+    assert _cache(models, tmp_path / "none", "--top-k", "8", "--tail-samples", "0") == 0
+    assert "tail_ids_T2" not in (tmp_path / "none" / "shard-00000.safetensors").read_bytes()[:4096].decode(
+        "latin-1"
+    )
+    with pytest.raises(TodiError, match="holds no tail samples"):
+        TeacherCache(tmp_path / "none", tail_mode="sampled")
+    base = ["distill", "--student", models["student"], "--data", models["data"], "--max-steps", "2", *TINY]
+    # the default --cache-tail is sampled
+    assert cli.main([*base, "--teacher-cache", str(tmp_path / "c"), "--out", str(tmp_path / "ok")]) == 0
+    assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "ok"))
+    args = [
+        *base,
+        "--teacher-cache",
+        str(tmp_path / "none"),
+        "--cache-tail",
+        "sampled",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert cli.main(args) == 2
+    assert "--tail-samples 16" in capsys.readouterr().err

@@ -255,7 +255,8 @@ def check_sparse(name: str, mode: str, k: int | None, compile: bool, device: str
     h, w, teacher, labels = sparse_problem(300 + DIVERGENCES.index(name))
     keep = labels != IGNORE
     k = k or teacher.shape[1]
-    sparse = SparseTeacher.from_logits(teacher[keep].float(), k, (2.0,))
+    g = torch.Generator().manual_seed(0)
+    sparse = SparseTeacher.from_logits(teacher[keep].float(), k, (2.0,), tail_samples=8, generator=g)
     sparse.tail_mode = mode
     kwargs = dict(divergence=name, kd_rate=0.5, temperature=2.0, **PARAMS.get(name, {}))
 
@@ -326,10 +327,26 @@ def test_materialised_loss_bf16_with_inf_teacher_logits(name):
 
 
 @pytest.mark.parametrize("k", [7, None], ids=["k7", "kV"])
-@pytest.mark.parametrize("mode", ["bucket", "uniform"])
+@pytest.mark.parametrize("mode", ["bucket", "uniform", "sampled"])
 @pytest.mark.parametrize("name", DIVERGENCES)
 def test_fused_sparse_teacher_eager_matches_float64(name, mode, k):
     check_sparse(name, mode, k, compile=False)
+
+
+def test_tail_samples_drawn_on_the_gpu_follow_the_tempered_tail():
+    """todi cache-teacher draws the tail samples where the teacher runs: with a CUDA generator."""
+    teacher = sparse_problem(7)[2][:3]
+    draws = 40_000
+    g = torch.Generator(DEVICE).manual_seed(1)
+    sparse = SparseTeacher.from_logits(teacher.float().to(DEVICE), 6, (2.0,), tail_samples=draws, generator=g)
+    samples, ids = sparse.tail_samples[2.0].cpu(), sparse.ids.cpu()
+    p = torch.softmax(teacher / 2.0, -1).scatter(-1, ids, 0.0)
+    expected = p / p.sum(-1, keepdim=True)
+    freq = (
+        torch.zeros_like(expected).scatter_add(-1, samples, torch.ones(3, draws, dtype=torch.float64)) / draws
+    )
+    sd = (expected * (1 - expected) / draws).sqrt()
+    assert ((freq - expected).abs() <= 5 * sd + 1e-4).all()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,7 +359,7 @@ def test_fused_float32_compiled_matches_float64(name, caplog):
     run_compiled(check_dense_float32, name, caplog=caplog)
 
 
-@pytest.mark.parametrize("mode", ["bucket", "uniform"])
+@pytest.mark.parametrize("mode", ["bucket", "uniform", "sampled"])
 def test_fused_sparse_teacher_compiled_matches_float64(mode, caplog):
     run_compiled(check_sparse, "todi", mode, 7, caplog=caplog)
 

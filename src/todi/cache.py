@@ -2,9 +2,10 @@
 
 A big teacher is expensive to keep beside the student and is rerun identically for every objective
 compared. The cache stores, for every supervised position of the training data, the teacher's top-k
-token ids and log-probabilities at temperature 1, the log of the remaining (tail) mass, and the tail's
-power sums for the distillation temperatures named at build time (see :mod:`todi.losses.sparse` for how
-the divergences use them and what the approximation loses). Example::
+token ids and log-probabilities at temperature 1, the log of the remaining (tail) mass, and for each
+distillation temperature named at build time the tail's power sum and M token ids drawn from the tail
+(see :mod:`todi.losses.sparse` for how the divergences use them and what the approximation loses).
+Example::
 
     todi cache-teacher --teacher runs/teacher/final --data data/dolly --top-k 64 --out cache/dolly-k64
     todi distill --teacher-cache cache/dolly-k64 --student gpt2 --data data/dolly --loss todi --out runs/todi
@@ -16,11 +17,16 @@ Layout of ``--out``::
                                first, completed last ("complete": true)
     shard-00000.safetensors    examples [0, shard_size): digests [n] (one hash per encoded example),
                                offsets [n + 1] (rows of each example), ids [rows, k], logprobs [rows, k],
-                               tail [rows], tail_T<t> [rows] per stored temperature t
+                               tail [rows], tail_T<t> [rows] per stored temperature t != 1, and with
+                               --tail-samples M per stored temperature t: tail_draws_T<t> [rows] (uint8,
+                               draws of each row) and tail_ids_T<t> [M x rows on average] (their ids)
 
 A shard is written under a temporary name and renamed when complete, so an interrupted build resumes
 (rerun the same command) without ever reading a partial shard. Token ids are stored in 16 bits when the
-vocabulary allows (offset by 32768), log-probabilities in float16: 4 k + 4 + 4 t bytes per position.
+vocabulary allows (offset by 32768), log-probabilities in float16: 4 k + 4 + 4 t + (2 M + 1) t' bytes
+per position for t temperatures other than 1 and t' in all (297 bytes at the defaults k = 64, T = 2,
+M = 16). The tail draws come from a generator seeded by the batch's examples, so a rebuild on the same
+device writes the same cache.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import torch.nn.functional as F
 
 from todi.data import DataError
 from todi.errors import TodiError, UsageError
-from todi.losses.sparse import SparseTeacher
+from todi.losses.sparse import NO_SAMPLE, SparseTeacher
 from todi.report import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -78,6 +84,11 @@ class Config:
     temperatures: str = _opt(
         "2.0", "comma-separated distillation temperatures whose tail statistics are stored (exact at these)"
     )
+    tail_samples: int = _opt(
+        16,
+        "tail tokens drawn per position and temperature on average, for `todi distill --cache-tail "
+        "sampled` (2 bytes each, shared among positions by their tail mass; 0 = none)",
+    )
     batch_size: int = _opt(8, "examples per teacher forward pass")
     shard_size: int = _opt(1024, "examples per shard file (the unit of resumption)")
     template: str = _opt("alpaca", "prompt template; must match the later `todi distill --template`")
@@ -95,6 +106,11 @@ class Config:
     trust_remote_code: bool = _opt(False, "allow models whose code comes with their checkpoint")
 
     def temperature_list(self) -> list[float]:
+        """The temperatures whose tail power sums are stored (1 needs none: it is the tail itself)."""
+        return [t for t in self.sample_temperatures() if t != 1.0]
+
+    def sample_temperatures(self) -> list[float]:
+        """Every temperature named, each of which gets its own tail samples."""
         try:
             values = sorted({float(t) for t in self.temperatures.split(",") if t.strip()})
         except ValueError:
@@ -103,13 +119,15 @@ class Config:
             ) from None
         if any(not (math.isfinite(t) and t > 0) for t in values):
             raise UsageError(f"--temperatures must be > 0, got {self.temperatures!r}")
-        return [t for t in values if t != 1.0]  # temperature 1 is the stored tail itself
+        return values
 
     def check(self) -> None:
         problems = [f"--{name} is required" for name in ("teacher", "data", "out") if not getattr(self, name)]
         for name in ("top_k", "batch_size", "shard_size", "max_length", "max_prompt_length"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.tail_samples < 0:
+            problems.append(f"--tail-samples must be at least 0, got {self.tail_samples}")
         if self.max_examples is not None and self.max_examples < 1:
             problems.append(f"--max-examples must be at least 1, got {self.max_examples}")
         if problems:
@@ -186,6 +204,7 @@ def build_cache(config: Config) -> Path:
 
     config.check()
     temperatures = config.temperature_list()
+    sample_temperatures = config.sample_temperatures() if config.tail_samples else []
     out = Path(config.out)
     tokenizer = load_tokenizer(config.teacher, trust_remote_code=config.trust_remote_code)
     vocab_hash = tokenizer_hash(tokenizer)
@@ -212,6 +231,8 @@ def build_cache(config: Config) -> Path:
     vocab = shared_vocab_size(tokenizer, head.weight.shape[0])
     if config.top_k > vocab:
         raise UsageError(f"--top-k {config.top_k} exceeds the vocabulary ({vocab} tokens)")
+    if config.top_k == vocab:
+        sample_temperatures = []  # no tail to draw from
 
     shards = [
         {"file": f"shard-{i:05d}.safetensors", "first": a, "end": min(a + config.shard_size, len(encoded))}
@@ -238,6 +259,8 @@ def build_cache(config: Config) -> Path:
         "top_k": config.top_k,
         "vocab_size": vocab,
         "temperatures": temperatures,
+        "tail_samples": config.tail_samples if sample_temperatures else 0,
+        "sample_temperatures": sample_temperatures,
         "id_encoding": f"int16+{_ID_OFFSET}" if vocab <= 2 * _ID_OFFSET else "int32",
         "logprob_dtype": config.logprob_dtype,
         "shards": shards,
@@ -268,12 +291,18 @@ def build_cache(config: Config) -> Path:
                 labels = shift_labels(batch["labels"])
                 kept = hidden[labels != -100]
                 pieces = []
+                generator = torch.Generator(device).manual_seed(_batch_seed(digests, batch_ids))
                 step = auto_chunk_size(kept.shape[0], vocab)
                 for c in range(0, kept.shape[0], step):
                     logits = F.linear(kept[c : c + step], head.weight[:vocab], _bias(head, vocab))
-                    pieces.append(
-                        SparseTeacher.from_logits(logits, config.top_k, tuple(temperatures)).to("cpu")
+                    piece = SparseTeacher.from_logits(
+                        logits,
+                        config.top_k,
+                        tuple(sample_temperatures or temperatures),
+                        tail_samples=config.tail_samples,
+                        generator=generator,
                     )
+                    pieces.append(piece.to("cpu"))
             teacher_rows = SparseTeacher.cat(pieces)
             offset = 0
             for i in batch_ids:
@@ -297,6 +326,12 @@ def build_cache(config: Config) -> Path:
         time.perf_counter() - started,
     )
     return out
+
+
+def _batch_seed(digests: list[int], batch_ids: list[int]) -> int:
+    """A seed for the tail samples of one batch, from its examples: the same cache on every rebuild."""
+    raw = json.dumps([digests[i] for i in batch_ids]).encode()
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=7).digest(), "little")
 
 
 def _bias(head: Any, vocab: int) -> torch.Tensor | None:
@@ -336,22 +371,40 @@ def _tail_key(temperature: float) -> str:
     return f"tail_T{temperature:g}"
 
 
+def _samples_key(temperature: float) -> str:
+    return f"tail_ids_T{temperature:g}"
+
+
+def _draws_key(temperature: float) -> str:
+    return f"tail_draws_T{temperature:g}"
+
+
 def _write_shard(path: Path, parts: list[SparseTeacher], digests: list[int], spec: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     merged = SparseTeacher.cat(parts)
-    ids = merged.ids - _ID_OFFSET if spec["id_encoding"].startswith("int16") else merged.ids
+    int16 = spec["id_encoding"].startswith("int16")
+
+    def encode(ids: torch.Tensor) -> torch.Tensor:
+        return (ids - _ID_OFFSET).to(torch.int16) if int16 else ids.to(torch.int32)
+
     tensors = {
         "digests": torch.tensor(digests, dtype=torch.int64),
         "offsets": torch.tensor(
             [0, *torch.tensor([len(p) for p in parts]).cumsum(0).tolist()], dtype=torch.int64
         ),
-        "ids": ids.to(torch.int16 if spec["id_encoding"].startswith("int16") else torch.int32),
+        "ids": encode(merged.ids),
         "logprobs": merged.logprobs.to(_LOGPROB_DTYPES[spec["logprob_dtype"]]),
         "tail": merged.tail.float(),
     }
     for t in spec["temperatures"]:
         tensors[_tail_key(t)] = merged.tempered_tails[float(t)].float()
+    for t in spec["sample_temperatures"]:
+        # ragged rows, stored flat: the draws of row i follow those of rows < i; one byte says how many
+        samples = merged.tail_samples[float(t)]
+        valid = samples != NO_SAMPLE
+        tensors[_samples_key(t)] = encode(samples[valid])
+        tensors[_draws_key(t)] = valid.sum(-1).to(torch.uint8)
     tmp = path.with_name(f".tmp-{path.name}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format_version": "1"})
     os.replace(tmp, path)
@@ -391,10 +444,30 @@ class TeacherCache:
             )
         self.vocab_size: int = self.manifest["vocab_size"]
         self.temperatures: list[float] = [float(t) for t in self.manifest["temperatures"]]
+        # Caches built before tail samples existed have none (the keys are absent).
+        self.sample_temperatures: list[float] = [
+            float(t) for t in self.manifest.get("sample_temperatures", [])
+        ]
+        if (
+            tail_mode == "sampled"
+            and not self.sample_temperatures
+            and self.manifest["top_k"] < self.vocab_size
+        ):
+            raise UsageError(
+                f"teacher cache {self.path} holds no tail samples, which --cache-tail sampled (the default) "
+                "needs",
+                "rebuild it with `todi cache-teacher --tail-samples 16` (the default), or distil with "
+                "--cache-tail bucket or uniform",
+            )
         self._int16 = self.manifest["id_encoding"].startswith("int16")
         self._starts = [s["first"] for s in self.manifest["shards"]]
         self._files = [safe_open(str(self.path / s["file"]), framework="pt") for s in self.manifest["shards"]]
         self._offsets = [f.get_tensor("offsets") for f in self._files]
+        # per shard and temperature: where each row's tail draws start in the flat id list
+        self._draw_offsets = [
+            {t: F.pad(f.get_tensor(_draws_key(t)).long().cumsum(0), (1, 0)) for t in self.sample_temperatures}
+            for f in self._files
+        ]
 
     def __len__(self) -> int:
         return self.manifest["examples"]
@@ -445,6 +518,23 @@ class TeacherCache:
                     "distil from the data the cache was built from, or rebuild the cache with this --data",
                 )
 
+    def _decode(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(torch.int64)
+        return ids + _ID_OFFSET if self._int16 else ids
+
+    def _draws(self, shard: int, temperature: float, a: int, b: int) -> torch.Tensor:
+        """``[b - a, m_max]`` tail draws of rows [a, b) of a shard, padded with NO_SAMPLE."""
+        starts = self._draw_offsets[shard][temperature][a : b + 1]
+        stored = self._files[shard].get_slice(_samples_key(temperature))
+        flat = self._decode(stored[int(starts[0]) : int(starts[-1])])
+        counts = starts[1:] - starts[:-1]
+        slot = torch.arange(int(counts.max()) if len(counts) else 0)
+        index = (starts[:-1] - starts[0]).unsqueeze(1) + slot
+        valid = slot < counts.unsqueeze(1)
+        return torch.where(
+            valid, flat[index.clamp_max(max(len(flat) - 1, 0))] if len(flat) else -1, NO_SAMPLE
+        )
+
     def rows(self, example_indices: list[int]) -> SparseTeacher:
         """The teacher rows of these examples (their supervised positions, in order), on the CPU."""
         parts = []
@@ -455,15 +545,15 @@ class TeacherCache:
             local = i - self._starts[s]
             a, b = int(self._offsets[s][local]), int(self._offsets[s][local + 1])
             f = self._files[s]
-            ids = f.get_slice("ids")[a:b].to(torch.int64)
             parts.append(
                 SparseTeacher(
-                    ids + _ID_OFFSET if self._int16 else ids,
+                    self._decode(f.get_slice("ids")[a:b]),
                     f.get_slice("logprobs")[a:b].float(),
                     f.get_slice("tail")[a:b],
                     self.vocab_size,
                     {t: f.get_slice(_tail_key(t))[a:b] for t in self.temperatures},
                     self.tail_mode,
+                    {t: self._draws(s, t, a, b) for t in self.sample_temperatures},
                 )
             )
         return SparseTeacher.cat(parts)

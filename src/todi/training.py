@@ -307,10 +307,11 @@ class DistillConfig(TrainConfig):
         "distil from a teacher cache written by `todi cache-teacher` instead of running --teacher "
         "(the dev loss is then the CE alone)",
     )
-    cache_tail: Literal["bucket", "uniform"] = _opt(
-        "bucket",
-        "with --teacher-cache: bucket = divergences on the k stored tokens + one tail bucket; uniform = on "
-        "all tokens, the teacher's tail mass spread evenly outside its top k (see docs/performance.md)",
+    cache_tail: Literal["sampled", "bucket", "uniform"] = _opt(
+        "sampled",
+        "with --teacher-cache: sampled = divergences on all tokens, the teacher's tail mass shared out by "
+        "the tail tokens the cache drew; bucket = on the k stored tokens + one tail bucket (fastest); "
+        "uniform = on all tokens, the tail mass spread evenly (see docs/performance.md)",
     )
     student: str = _opt("", "student to train (required): a local folder or a Hub id")
     teacher_lora: str | None = _opt(None, "PEFT adapter folder merged into the teacher when it loads")
@@ -347,7 +348,7 @@ class DistillConfig(TrainConfig):
         out = [] if self.student else ["--student is required"]
         if bool(self.teacher) == bool(self.teacher_cache):
             out.append("give exactly one of --teacher and --teacher-cache")
-        if self.cache_tail != "bucket" and not self.teacher_cache:
+        if self.cache_tail != "sampled" and not self.teacher_cache:
             out.append("--cache-tail applies to --teacher-cache")
         if self.teacher_cache and self.teacher_lora:
             out.append("--teacher-lora applies to --teacher; a cache already holds the teacher's outputs")

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from todi.divergences import Divergence, check_vocab, get_divergence, masked_log_probs, todi_weight
 from todi.losses.objective import LossOutput, check_objective, normaliser
-from todi.losses.sparse import SparseTeacher, check_sparse_rows, spread_bucket
+from todi.losses.sparse import SparseTeacher, check_sparse_rows, dense_teacher_log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ class _Objective:
     kd_rate: float
     temperature: float
     with_teacher: bool
+    # The dense teacher rows are already log-probabilities at the temperature (a cached teacher's
+    # spread tail): no second division and log-softmax over [chunk, V].
+    teacher_log_probs: bool = False
 
 
 def _chunk_kernel(
@@ -95,8 +98,11 @@ def _chunk_kernel(
         return ce, kd, weight, grad
 
     def scaled_log_probs(student: Tensor) -> tuple[Tensor, Tensor]:
-        s, t = student / temperature, zt / temperature
-        return masked_log_probs(s, t) if safe else (F.log_softmax(s, -1), F.log_softmax(t, -1))
+        s = student / temperature
+        t = zt if objective.teacher_log_probs else zt / temperature
+        if safe:
+            return masked_log_probs(s, t)
+        return F.log_softmax(s, -1), t if objective.teacher_log_probs else F.log_softmax(t, -1)
 
     if need_grad and entry.value_and_grad is not None:
         ls, lt = scaled_log_probs(z)
@@ -226,8 +232,14 @@ def _run_kernel(
 
 def _all_finite(*tensors: Tensor | None) -> bool:
     """Finite inputs give finite logits, so the chunks can skip the masked log-softmax; checking the
-    [N, H] inputs is far cheaper than checking [N, V] logits."""
-    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+    [N, H] inputs is far cheaper than checking [N, V] logits. A sum is non-finite whenever an element is
+    (and, if it overflows, only sends a finite input down the masked path too): one pass with no
+    temporaries, where isfinite().all() makes three over the [V, H] head."""
+    return all(t is None or bool(torch.isfinite(t.sum(dtype=_accumulator(t)))) for t in tensors)
+
+
+def _accumulator(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 class _FusedLinearDistillation(torch.autograd.Function):
@@ -242,7 +254,8 @@ class _FusedLinearDistillation(torch.autograd.Function):
         teacher_bias: Tensor | None,
         teacher_ids: Tensor | None,
         teacher_bucket: Tensor | None,
-        spread_tail: bool,
+        teacher_samples: Tensor | None,
+        dense_tail: bool,
         targets: Tensor,
         denom: Tensor,
         objective: _Objective,
@@ -264,8 +277,10 @@ class _FusedLinearDistillation(torch.autograd.Function):
         scale = 1.0 / denom
         rows_total = student_hidden.shape[0]
         compiled = _use_compile(compile, rows_total // chunk_size)
+        # A spread tail has -inf rows where the teacher's tail underflowed: those need the masked path too.
+        spread = teacher_bucket if dense_tail else None
         safe = not _all_finite(
-            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, spread
         )
         ce_sum = student_hidden.new_zeros((), dtype=torch.float32)
         kd_sum, weight_sum = ce_sum.clone(), ce_sum.clone()
@@ -276,10 +291,12 @@ class _FusedLinearDistillation(torch.autograd.Function):
             teacher: Tensor | tuple[Tensor, Tensor] | None = None
             if teacher_hidden is not None:
                 teacher = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias).float()
-            elif teacher_ids is not None and spread_tail:
-                # Dense teacher rows whose log-softmax at T is the spread distribution: the dense kernel.
-                dense = spread_bucket(teacher_ids[rows], teacher_bucket[rows], student_weight.shape[0])
-                teacher = dense * objective.temperature
+            elif teacher_ids is not None and dense_tail:
+                # The spread distribution's log-probs at T as dense teacher rows: the dense kernel.
+                samples = None if teacher_samples is None else teacher_samples[rows]
+                teacher = dense_teacher_log_probs(
+                    teacher_ids[rows], teacher_bucket[rows], student_weight.shape[0], samples
+                )
             elif teacher_ids is not None:
                 teacher = (teacher_ids[rows], teacher_bucket[rows])
             ce, kd, weight, grad = _run_kernel(
@@ -316,7 +333,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         grads = [g if g is None else g * grad_loss.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
-        return (*grads, *[None] * 12)
+        return (*grads, *[None] * 13)
 
 
 def fused_linear_distillation_loss(
@@ -391,16 +408,16 @@ def fused_linear_distillation_loss(
     rows = keep.nonzero().squeeze(-1)
     selected_student = student_hidden.index_select(0, rows)
     selected_teacher = None if teacher_hidden is None else teacher_hidden.detach().index_select(0, rows)
-    teacher_ids = teacher_bucket = None
+    teacher_ids = teacher_bucket = teacher_samples = None
+    dense_tail = False
     if sparse_teacher is not None:
         check_sparse_rows(sparse_teacher, rows.numel(), student_weight.shape[0])
-        teacher_ids = sparse_teacher.ids
-        teacher_bucket = sparse_teacher.bucket_log_probs(temperature)
+        teacher_ids, teacher_bucket, dense_tail, teacher_samples = sparse_teacher.kernel_inputs(temperature)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
     chunk = chunk_size or auto_chunk_size(rows.numel(), student_weight.shape[0])
     objective = _Objective(
-        entry, tuple(sorted(resolved.items())), float(kd_rate), float(temperature), with_teacher
+        entry, tuple(sorted(resolved.items())), float(kd_rate), float(temperature), with_teacher, dense_tail
     )
     loss, ce_sum, kd_sum, weight_sum = _FusedLinearDistillation.apply(
         selected_student,
@@ -411,7 +428,8 @@ def fused_linear_distillation_loss(
         None if teacher_bias is None else teacher_bias.detach(),
         teacher_ids,
         teacher_bucket,
-        sparse_teacher is not None and sparse_teacher.tail_mode == "uniform",
+        teacher_samples,
+        dense_tail,
         labels.index_select(0, rows),
         denom,
         objective,

@@ -15,10 +15,28 @@ taken as spread evenly over its ``V - k`` tokens, which overestimates the bucket
 spread maximises the power sum); a warning says so.
 
 What the approximation loses: differences *inside* the tail, which matter at T = 2, where tempering
-moves much of the teacher's mass into the tail (docs/performance.md measures the cost). With
-``tail_mode="uniform"`` the tail mass is instead spread evenly over the ``V - k`` other tokens and the
-divergence runs on all V tokens (the dense kernel), so the student's tail gets a gradient. With k = V
-there is no tail and either mode equals the online loss exactly (tested).
+moves much of the teacher's mass into the tail (docs/performance.md measures the cost). Two other tail
+modes give the student's tail tokens a gradient of their own; the divergence then runs on all V tokens
+(the dense kernel), against a teacher that keeps its k stored log-probabilities and the bucket's exact
+mass B at T, shared out over the ``V - k`` tail tokens:
+
+- ``tail_mode="uniform"``: evenly, ``B / (V - k)`` each.
+- ``tail_mode="sampled"``: by tail tokens the cache drew from the teacher's own tail at T
+  (``todi cache-teacher --tail-samples M``). A token drawn c of a row's m draws gets
+  ``B * ((1 - f) * c / m + f / (V - k))``, with ``f = TAIL_FLOOR`` of the mass kept evenly spread so
+  that every token has a finite teacher log-probability (RKL and ToDi divide by it). Averaged over the
+  draws this teacher is ``(1 - f)`` times the true tail plus ``f`` times the even one, so divergences
+  linear in the teacher (FKL's gradient) get the tail right on average over the training positions
+  instead of never: the estimator of Sparse Logit Sampling (Anshumann et al., ACL 2025), here on the tail
+  of a top-k cache. Two choices cut its variance at no cost in bias: the draws are systematic (one
+  uniform offset, m evenly spaced points on the tail's cumulative distribution, so a token holding a
+  share w of the tail is drawn floor(m w) or ceil(m w) times), and the cache shares
+  ``M x rows`` draws among its rows in proportion to their tail mass B at T (a position whose top k hold
+  nearly everything needs none; a row given none keeps the even spread). Samples exist only at the
+  temperatures the cache was built for; at another T the mode falls back to the even spread, with a
+  warning.
+
+With k = V there is no tail and every mode equals the online loss exactly (tested).
 """
 
 from __future__ import annotations
@@ -39,17 +57,26 @@ from todi.losses.objective import LossOutput, distillation_loss
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "TAIL_FLOOR",
     "TAIL_MODES",
     "SparseTeacher",
+    "dense_teacher_log_probs",
+    "draw_tail",
+    "pad_samples",
     "sparse_distillation_loss",
     "sparse_log_probs",
-    "spread_bucket",
     "student_bucket_log_probs",
 ]
 
-TAIL_MODES = ("bucket", "uniform")
+TAIL_MODES = ("bucket", "uniform", "sampled")
+# Share of the tail mass that tail_mode="sampled" keeps evenly spread. Without it the tokens the cache did
+# not draw would have teacher probability 0 and RKL / ToDi an infinite penalty on any student mass there;
+# more of it pulls the teacher toward the even spread (whose cost docs/performance.md measures).
+TAIL_FLOOR = 0.1
+NO_SAMPLE = -1  # padding of a row's tail samples
+MAX_ROW_SAMPLES = 255  # draws one row may get (its count is stored in one byte)
 
-_warned_temperatures: set[float] = set()
+_warned_temperatures: set[Any] = set()
 
 
 @dataclass
@@ -65,9 +92,12 @@ class SparseTeacher:
     tail: Tensor  # [N] float32 log(1 - sum_k p_v); -inf when nothing is left
     vocab_size: int
     tempered_tails: dict[float, Tensor] = field(default_factory=dict)  # T -> [N] log sum_tail p_v^(1/T)
-    # "bucket": divergences on k + 1 outcomes; "uniform": on all V tokens, the teacher's tail mass (at the
-    # distillation temperature) spread evenly over the tokens outside its top k.
+    # "bucket": divergences on k + 1 outcomes; "uniform" / "sampled": on all V tokens, the teacher's tail
+    # mass (at the distillation temperature) spread evenly / by the tail samples (module docstring).
     tail_mode: str = "bucket"
+    # T -> [N, m_max] int64 tail ids drawn at T (tail_mode="sampled"); row i holds its m_i draws first,
+    # then -1 (NO_SAMPLE) padding.
+    tail_samples: dict[float, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (
@@ -83,22 +113,45 @@ class SparseTeacher:
             raise ValueError(f"k = {self.k} stored tokens exceed the vocabulary of {self.vocab_size}")
         if self.tail_mode not in TAIL_MODES:
             raise ValueError(f"tail_mode must be one of {', '.join(TAIL_MODES)}, got {self.tail_mode!r}")
+        for t, samples in self.tail_samples.items():
+            if samples.dim() != 2 or samples.shape[0] != self.ids.shape[0]:
+                raise ValueError(
+                    f"tail samples at T = {t:g} must be [N, M] with N = {self.ids.shape[0]}; "
+                    f"got {tuple(samples.shape)}"
+                )
 
     @classmethod
-    def from_logits(cls, logits: Tensor, k: int, temperatures: tuple[float, ...] = (2.0,)) -> SparseTeacher:
+    def from_logits(
+        cls,
+        logits: Tensor,
+        k: int,
+        temperatures: tuple[float, ...] = (2.0,),
+        *,
+        tail_samples: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> SparseTeacher:
         """Keep the top ``k`` of each row of ``[N, V]`` teacher logits (temperature 1) and the tail
-        statistics for ``temperatures``. Ties at the k-th place are broken by ``torch.topk``."""
+        statistics for ``temperatures``: the power sum (except at 1, where it is the tail itself) and,
+        with ``tail_samples`` = M > 0, ``M x N`` tail draws at each temperature shared among the rows in
+        proportion to their tail mass there (:func:`draw_tail`; ``generator`` makes them reproducible).
+        Ties at the k-th place are broken by ``torch.topk``."""
         logits = logits.float()
         vocab = logits.shape[-1]
         if not 1 <= k <= vocab:
             raise ValueError(f"k must be in [1, {vocab}], got {k}")
+        if tail_samples < 0:
+            raise ValueError(f"tail_samples must be >= 0, got {tail_samples}")
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         values, ids = logits.topk(k, dim=-1)
         # The tail from the logits left out, not log(1 - sum p): exact even when the tail mass is tiny.
         rest = logits.scatter(-1, ids, -math.inf) - lse
         tail = torch.logsumexp(rest, dim=-1)
         tempered = {float(t): torch.logsumexp(rest / t, dim=-1) for t in temperatures if t != 1.0}
-        return cls(ids, values - lse, tail, vocab, tempered)
+        samples = {}
+        if tail_samples:
+            logp = logits - lse
+            samples = {float(t): draw_tail(logp, ids, t, tail_samples, generator) for t in temperatures}
+        return cls(ids, values - lse, tail, vocab, tempered, tail_samples=samples)
 
     @property
     def k(self) -> int:
@@ -113,9 +166,14 @@ class SparseTeacher:
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> SparseTeacher:
         """The same rows with ``fn`` applied to every per-row tensor."""
-        tails = {t: fn(v) for t, v in self.tempered_tails.items()}
         return SparseTeacher(
-            fn(self.ids), fn(self.logprobs), fn(self.tail), self.vocab_size, tails, self.tail_mode
+            fn(self.ids),
+            fn(self.logprobs),
+            fn(self.tail),
+            self.vocab_size,
+            {t: fn(v) for t, v in self.tempered_tails.items()},
+            self.tail_mode,
+            {t: fn(v) for t, v in self.tail_samples.items()},
         )
 
     def to(self, device: torch.device | str) -> SparseTeacher:
@@ -136,6 +194,7 @@ class SparseTeacher:
             first.vocab_size,
             {t: torch.cat([p.tempered_tails[t] for p in parts]) for t in first.tempered_tails},
             first.tail_mode,
+            {t: pad_samples([p.tail_samples[t] for p in parts]) for t in first.tail_samples},
         )
 
     def tail_at(self, temperature: float) -> Tensor:
@@ -158,6 +217,33 @@ class SparseTeacher:
         spread = math.log(self.vocab_size - self.k)
         return self.tail / temperature + (1.0 - 1.0 / temperature) * spread
 
+    def samples_at(self, temperature: float) -> Tensor | None:
+        """``[N, M]`` tail samples drawn at ``temperature`` (None, with a warning once, if the cache has
+        none there: tail_mode="sampled" then spreads the tail evenly)."""
+        for stored, value in self.tail_samples.items():
+            if math.isclose(stored, temperature, rel_tol=1e-6):
+                return value
+        if ("samples", temperature) not in _warned_temperatures:
+            _warned_temperatures.add(("samples", temperature))
+            logger.warning(
+                "the teacher cache holds no tail samples for temperature %g (it has %s); tail_mode='sampled' "
+                "spreads the tail mass evenly instead (rebuild with `todi cache-teacher --temperatures %g`)",
+                temperature,
+                ", ".join(f"{t:g}" for t in sorted(self.tail_samples)) or "none",
+                temperature,
+            )
+        return None
+
+    def kernel_inputs(self, temperature: float) -> tuple[Tensor, Tensor, bool, Tensor | None]:
+        """(ids, teacher log-probs at T over them and the bucket, dense, tail samples): what the kernels
+        need. ``dense``: the divergence runs on all V tokens, the bucket's mass spread evenly or (with
+        ``samples``) by the draws, :func:`dense_teacher_log_probs`; otherwise on the k + 1 outcomes."""
+        bucket = self.bucket_log_probs(temperature)
+        if self.tail_mode == "bucket" or not self.has_tail:
+            return self.ids, bucket, False, None
+        samples = self.samples_at(temperature) if self.tail_mode == "sampled" else None
+        return self.ids, bucket, True, samples
+
     def bucket_log_probs(self, temperature: float) -> Tensor:
         """``[N, k (+1)]`` normalised teacher log-probs at ``temperature`` over the k ids (and the bucket)."""
         dtype = torch.float64 if self.logprobs.dtype == torch.float64 else torch.float32
@@ -167,15 +253,83 @@ class SparseTeacher:
         return F.log_softmax(columns, dim=-1)
 
 
-def spread_bucket(ids: Tensor, bucket: Tensor, vocab_size: int) -> Tensor:
-    """``[N, V]`` teacher log-probs from bucket log-probs: the k stored tokens keep theirs, the tail
-    bucket's mass is shared evenly by the other ``V - k`` tokens (``tail_mode="uniform"``)."""
+def draw_tail(
+    logp: Tensor, ids: Tensor, temperature: float, m: int, generator: torch.Generator | None
+) -> Tensor:
+    """``[N, m_max]`` tail ids per row (padded with NO_SAMPLE): ``m x N`` draws from the teacher's tail at
+    ``temperature`` (``logp``: ``[N, V]`` log-probs at temperature 1, ``ids``: its top k), shared among the
+    rows in proportion to the mass their tail holds at that temperature (largest remainders; at most
+    MAX_ROW_SAMPLES a row). Each row's are drawn systematically: one uniform offset u, points (u + j) / m_i
+    on the cumulative distribution of the row's tail, so a token is drawn m_i times its share of the tail
+    on average and never more than one draw away from that."""
+    n, vocab = logp.shape
+    if ids.shape[-1] == vocab or n == 0:  # k = V: no tail to draw from
+        return ids.new_empty((n, 0))
+    tempered = logp / temperature
+    rest = tempered.scatter(-1, ids, -math.inf)
+    tail_lse = torch.logsumexp(rest, dim=-1)
+    counts = _allot(torch.exp(tail_lse - torch.logsumexp(tempered, dim=-1)).nan_to_num(0.0), m * n)
+    m_max = int(counts.max())
+    if m_max == 0:
+        return ids.new_full((n, 0), NO_SAMPLE)
+    # float64: the cumulative sum runs over up to V tail tokens (in vocabulary order: the floor / ceil
+    # property holds in any order, and sorting [N, V] would cost more than the rest of the build)
+    weights = torch.exp(rest.double() - tail_lse.double().unsqueeze(-1)).nan_to_num(0.0)  # no tail: all 0
+    cdf = weights.cumsum(-1)
+    u = torch.rand(n, 1, generator=generator, device=logp.device, dtype=cdf.dtype)
+    j = torch.arange(m_max, device=logp.device, dtype=cdf.dtype)
+    points = (u + j) / counts.clamp_min(1).unsqueeze(-1).to(cdf.dtype)
+    # A point past the last cumulative value (rounding) takes the row's last token with weight > 0.
+    last = torch.where(weights > 0, torch.arange(vocab, device=logp.device), 0).amax(-1, keepdim=True)
+    drawn = torch.minimum(torch.searchsorted(cdf, points), last)
+    return torch.where(j < counts.unsqueeze(-1), drawn, NO_SAMPLE)
+
+
+def _allot(mass: Tensor, total: int) -> Tensor:
+    """``total`` draws shared among rows in proportion to ``mass`` (largest remainders), each at most
+    MAX_ROW_SAMPLES."""
+    if float(mass.sum()) <= 0:
+        return torch.zeros_like(mass, dtype=torch.int64)
+    share = mass.double() / mass.double().sum() * total
+    counts = share.floor().long()
+    left = total - int(counts.sum())
+    if left > 0:
+        counts[(share - counts).argsort(descending=True)[:left]] += 1
+    return counts.clamp_max(MAX_ROW_SAMPLES)
+
+
+def pad_samples(parts: list[Tensor]) -> Tensor:
+    """Row blocks of tail samples of different widths, stacked into one ``[N, m_max]`` (NO_SAMPLE padding)."""
+    width = max(p.shape[-1] for p in parts)
+    return torch.cat([F.pad(p, (0, width - p.shape[-1]), value=NO_SAMPLE) for p in parts])
+
+
+def dense_teacher_log_probs(
+    ids: Tensor, bucket: Tensor, vocab_size: int, samples: Tensor | None = None
+) -> Tensor:
+    """``[N, V]`` teacher log-probs from bucket log-probs: the k stored tokens keep theirs and the tail
+    bucket's mass B is shared by the other ``V - k`` tokens, evenly (``samples`` None,
+    tail_mode="uniform") or by the ``[N, m_max]`` tail samples, ``B * ((1 - f) * c / m + f / (V - k))``
+    for a token drawn c of its row's m times (tail_mode="sampled", f = TAIL_FLOOR; evenly in a row with
+    no draws)."""
     k = ids.shape[-1]
     if bucket.shape[-1] == k:  # k = V: nothing to spread
         empty = torch.full((ids.shape[0], vocab_size), -math.inf, dtype=bucket.dtype, device=bucket.device)
         return empty.scatter(-1, ids, bucket)
     spread = bucket[:, k:] - math.log(vocab_size - k)
-    return spread.expand(-1, vocab_size).scatter(-1, ids, bucket[:, :k])
+    if samples is None or samples.shape[-1] == 0:
+        return spread.expand(-1, vocab_size).scatter(-1, ids, bucket[:, :k])
+    valid = samples != NO_SAMPLE
+    m = valid.sum(-1, keepdim=True)
+    # Counts from the [N, m, m] comparison, not an [N, V] histogram: one pass over [N, V] in all.
+    counts = ((samples.unsqueeze(-1) == samples.unsqueeze(-2)) & valid.unsqueeze(-2)).sum(-1).to(bucket.dtype)
+    relative = TAIL_FLOOR + counts * ((1.0 - TAIL_FLOOR) * (vocab_size - k)) / m.clamp_min(1).to(bucket.dtype)
+    floor = torch.where(m > 0, math.log(TAIL_FLOOR), 0.0).to(bucket.dtype)  # a row without draws: even
+    dense = (spread + floor).expand(-1, vocab_size)
+    # Padding slots write to the top-1 id, which the top-k scatter below overwrites.
+    targets = torch.where(valid, samples, ids[:, :1])
+    dense = dense.scatter(-1, targets, spread + torch.log(relative))
+    return dense.scatter(-1, ids, bucket[:, :k])
 
 
 def student_bucket_log_probs(scaled_logits: Tensor, ids: Tensor, with_tail: bool) -> Tensor:
@@ -190,15 +344,16 @@ def student_bucket_log_probs(scaled_logits: Tensor, ids: Tensor, with_tail: bool
 
 def sparse_log_probs(student: Tensor, teacher: SparseTeacher, temperature: float) -> tuple[Tensor, Tensor]:
     """(student, teacher) log-probs that the divergence compares, from ``[N, V]`` student logits of the
-    teacher's N rows: over the k + 1 bucket outcomes, or over all V tokens with ``tail_mode="uniform"``."""
+    teacher's N rows: over the k + 1 bucket outcomes, or over all V tokens in the dense tail modes."""
     check_sparse_rows(teacher, student.shape[0], student.shape[-1])
     bucket = teacher.bucket_log_probs(temperature)
     student = student if student.dtype == torch.float64 else student.float()
-    if teacher.tail_mode == "uniform":
-        dense = spread_bucket(teacher.ids, bucket, student.shape[-1]).to(student.dtype)
-        return masked_log_probs(student / temperature, dense)
-    with_tail = bucket.shape[-1] > teacher.k
-    student_bucket = student_bucket_log_probs(student / temperature, teacher.ids, with_tail)
+    ids, bucket, dense, samples = teacher.kernel_inputs(temperature)
+    if dense:
+        spread = dense_teacher_log_probs(ids, bucket, student.shape[-1], samples).to(student.dtype)
+        return masked_log_probs(student / temperature, spread)
+    with_tail = bucket.shape[-1] > ids.shape[-1]
+    student_bucket = student_bucket_log_probs(student / temperature, ids, with_tail)
     return masked_log_probs(student_bucket, bucket.to(student_bucket.dtype))
 
 
