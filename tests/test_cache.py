@@ -463,10 +463,9 @@ def test_tail_draws_are_shared_by_tail_mass_and_systematic():
     tail = _tempered_tail(teacher, sparse.ids, 2.0)
     mass = tail.sum(-1)
     share = mass / mass.sum() * m * rows
-    expected = share.floor()
-    expected[(share - expected).argsort(descending=True)[: m * rows - int(expected.sum())]] += 1
     drawn = (samples != -1).sum(-1)
-    assert drawn.tolist() == expected.long().tolist() and int(drawn.sum()) == m * rows and drawn[0] == 0
+    assert int(drawn.sum()) == m * rows and drawn[0] == 0
+    assert ((drawn - share).abs() < 1).all()  # each row within one draw of its share
     for row in range(1, rows):
         ids = samples[row, : drawn[row]]
         assert (samples[row, drawn[row] :] == -1).all() and not torch.isin(ids, sparse.ids[row]).any()

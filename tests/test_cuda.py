@@ -333,20 +333,28 @@ def test_fused_sparse_teacher_eager_matches_float64(name, mode, k):
     check_sparse(name, mode, k, compile=False)
 
 
-def test_tail_samples_drawn_on_the_gpu_follow_the_tempered_tail():
-    """todi cache-teacher draws the tail samples where the teacher runs: with a CUDA generator."""
-    teacher = sparse_problem(7)[2][:3]
-    draws = 40_000
-    g = torch.Generator(DEVICE).manual_seed(1)
-    sparse = SparseTeacher.from_logits(teacher.float().to(DEVICE), 6, (2.0,), tail_samples=draws, generator=g)
-    samples, ids = sparse.tail_samples[2.0].cpu(), sparse.ids.cpu()
-    p = torch.softmax(teacher / 2.0, -1).scatter(-1, ids, 0.0)
-    expected = p / p.sum(-1, keepdim=True)
-    freq = (
-        torch.zeros_like(expected).scatter_add(-1, samples, torch.ones(3, draws, dtype=torch.float64)) / draws
-    )
+def check_gpu_draws(device: str) -> None:
+    """Identical rows get m draws each, independent across rows: their pooled frequencies must match the
+    float64 tempered tail (5 binomial standard deviations)."""
+    teacher = sparse_problem(7)[2][:1]
+    rows, m = 5000, 8
+    g = torch.Generator(device).manual_seed(1)
+    logits = teacher.float().to(device).expand(rows, -1)
+    sparse = SparseTeacher.from_logits(logits, 6, (2.0,), tail_samples=m, generator=g)
+    samples, ids = sparse.tail_samples[2.0].cpu(), sparse.ids[0].cpu()
+    assert samples.shape == (rows, m) and not torch.isin(samples, ids).any()
+    p = torch.softmax(teacher[0] / 2.0, -1).scatter(-1, ids, 0.0)
+    expected = p / p.sum()
+    draws = rows * m
+    ones = torch.ones(draws, dtype=torch.float64)
+    freq = torch.zeros_like(expected).scatter_add(0, samples.flatten(), ones) / draws
     sd = (expected * (1 - expected) / draws).sqrt()
     assert ((freq - expected).abs() <= 5 * sd + 1e-4).all()
+
+
+def test_tail_samples_drawn_on_the_gpu_follow_the_tempered_tail():
+    """todi cache-teacher draws the tail samples where the teacher runs: with a CUDA generator."""
+    check_gpu_draws(DEVICE)
 
 
 # ----------------------------------------------------------------------------------------------------------

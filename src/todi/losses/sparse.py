@@ -30,9 +30,10 @@ mass B at T, shared out over the ``V - k`` tail tokens:
   instead of never: the estimator of Sparse Logit Sampling (Anshumann et al., ACL 2025), here on the tail
   of a top-k cache. Two choices cut its variance at no cost in bias: the draws are systematic (one
   uniform offset, m evenly spaced points on the tail's cumulative distribution, so a token holding a
-  share w of the tail is drawn floor(m w) or ceil(m w) times), and the cache shares
-  ``M x rows`` draws among its rows in proportion to their tail mass B at T (a position whose top k hold
-  nearly everything needs none; a row given none keeps the even spread). Samples exist only at the
+  share w of the tail is drawn floor(m w) or ceil(m w) times), and the cache shares ``M x rows`` draws
+  among the positions of each teacher forward chunk in proportion to their tail mass B at T (a position
+  whose top k hold nearly everything needs none; a row given none keeps the even spread; at most 255 a
+  row). Samples exist only at the
   temperatures the cache was built for; at another T the mode falls back to the even spread, with a
   warning.
 
@@ -281,13 +282,14 @@ def draw_tail(
     points = (u + j) / counts.clamp_min(1).unsqueeze(-1).to(cdf.dtype)
     # A point past the last cumulative value (rounding) takes the row's last token with weight > 0.
     last = torch.where(weights > 0, torch.arange(vocab, device=logp.device), 0).amax(-1, keepdim=True)
-    drawn = torch.minimum(torch.searchsorted(cdf, points), last)
+    # right: a point on a plateau of the cumulative sum (zero-weight tokens) goes to the next real token
+    drawn = torch.minimum(torch.searchsorted(cdf, points, right=True), last)
     return torch.where(j < counts.unsqueeze(-1), drawn, NO_SAMPLE)
 
 
 def _allot(mass: Tensor, total: int) -> Tensor:
     """``total`` draws shared among rows in proportion to ``mass`` (largest remainders), each at most
-    MAX_ROW_SAMPLES."""
+    MAX_ROW_SAMPLES (the excess is dropped)."""
     if float(mass.sum()) <= 0:
         return torch.zeros_like(mass, dtype=torch.int64)
     share = mass.double() / mass.double().sum() * total
@@ -295,7 +297,9 @@ def _allot(mass: Tensor, total: int) -> Tensor:
     left = total - int(counts.sum())
     if left > 0:
         counts[(share - counts).argsort(descending=True)[:left]] += 1
-    return counts.clamp_max(MAX_ROW_SAMPLES)
+    # a row without tail mass never draws (rounding could otherwise hand it a remainder); past the cap
+    # a row's extra draws are dropped, not passed on
+    return torch.where(mass > 0, counts, 0).clamp_max(MAX_ROW_SAMPLES)
 
 
 def pad_samples(parts: list[Tensor]) -> Tensor:
@@ -346,7 +350,6 @@ def sparse_log_probs(student: Tensor, teacher: SparseTeacher, temperature: float
     """(student, teacher) log-probs that the divergence compares, from ``[N, V]`` student logits of the
     teacher's N rows: over the k + 1 bucket outcomes, or over all V tokens in the dense tail modes."""
     check_sparse_rows(teacher, student.shape[0], student.shape[-1])
-    bucket = teacher.bucket_log_probs(temperature)
     student = student if student.dtype == torch.float64 else student.float()
     ids, bucket, dense, samples = teacher.kernel_inputs(temperature)
     if dense:
