@@ -550,6 +550,22 @@ def test_cached_tail_samples_lie_in_the_tail_and_need_a_sampled_cache(models, tm
         assert samples.shape[0] == len(rows) and valid.sum(-1).float().mean() == pytest.approx(5, abs=1)
         assert samples[valid].min() >= 0 and samples.max() < 50257
         assert not (samples.unsqueeze(-1) == rows.ids.unsqueeze(1)).any()  # never one of the top k
+    # read back per example, the ragged draws are the shard's flat list cut at its per-row counts
+    from safetensors import safe_open
+
+    cache = TeacherCache(tmp_path / "c", tail_mode="sampled")
+    with safe_open(str(tmp_path / "c" / "shard-00001.safetensors"), "pt") as f:
+        flat = (f.get_tensor("tail_ids_T2").long() + 32768).tolist()
+        counts = f.get_tensor("tail_draws_T2").long().tolist()
+        offsets = f.get_tensor("offsets").tolist()
+    per_row, at = [], 0
+    for c in counts:
+        per_row.append(flat[at : at + c])
+        at += c
+    for local in (0, 4, 9):
+        got = cache.rows([10 + local]).tail_samples[2.0]
+        expected = per_row[offsets[local] : offsets[local + 1]]
+        assert [[d for d in row if d != -1] for row in got.tolist()] == expected
     assert _cache(models, tmp_path / "none", "--top-k", "8", "--tail-samples", "0") == 0
     assert "tail_ids_T2" not in (tmp_path / "none" / "shard-00000.safetensors").read_bytes()[:4096].decode(
         "latin-1"

@@ -18,10 +18,10 @@ from transformers import (
     Gemma2ForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
 )
 
+from tiny import llama_config
 from todi.losses import causal_lm_distillation_loss, distillation_loss
 
 IGNORE = -100
@@ -51,18 +51,9 @@ def _no_compile_override(monkeypatch):
 
 def llama(hidden: int, *, tied: bool = False, seed: int = 0, vocab: int = MODEL_VOCAB, **config) -> nn.Module:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-        **config,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(
+        llama_config(vocab, hidden, max_positions=64, tie_word_embeddings=tied, **config)
+    ).eval()
 
 
 def gpt2(hidden: int, *, seed: int = 0, vocab: int = MODEL_VOCAB) -> nn.Module:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny import llama_config
 from todi import evaluation
 from todi.cli import main
 from todi.data import DataError, Example, encode_prompt, resolve_data_root
@@ -120,21 +121,10 @@ def _tokenizer():
 
 
 def _tiny_llama(seed: int = 0, vocab: int = 50257):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=EOS,
-        eos_token_id=EOS,
-        pad_token_id=EOS,
-    )
+    config = llama_config(vocab, 32, max_positions=512, eos=EOS)
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = EOS
     model.generation_config.pad_token_id = EOS

@@ -24,23 +24,30 @@ def gpt2_tokenizer():
     return tokenizer
 
 
-def save_llama(path: Path, tokenizer, hidden: int, seed: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(vocab: int, hidden: int, *, max_positions: int, eos: int | None = None, **extra):
+    """The tests' 2-layer Llama shape (4 heads, 2 KV heads, MLP 2 x hidden); ``eos`` also sets bos and pad."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    eos = tokenizer.eos_token_id
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    ids = {} if eos is None else {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+    return LlamaConfig(
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        tie_word_embeddings=False,
+        max_position_embeddings=max_positions,
+        **ids,
+        **extra,
+    )
+
+
+def save_llama(path: Path, tokenizer, hidden: int, seed: int) -> Path:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = llama_config(
+        len(tokenizer), hidden, max_positions=256, eos=tokenizer.eos_token_id, tie_word_embeddings=False
     )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

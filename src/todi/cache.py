@@ -464,9 +464,14 @@ class TeacherCache:
         self._files = [safe_open(str(self.path / s["file"]), framework="pt") for s in self.manifest["shards"]]
         self._offsets = [f.get_tensor("offsets") for f in self._files]
         # per shard and temperature: where each row's tail draws start in the flat id list
-        self._draw_offsets = [
-            {t: F.pad(f.get_tensor(_draws_key(t)).long().cumsum(0), (1, 0)) for t in self.sample_temperatures}
-            for f in self._files
+        # per shard and temperature, where each example's draws start in the flat id list (per example, not
+        # per row: memory stays O(examples) for caches of millions of positions)
+        self._draw_starts = [
+            {
+                t: F.pad(f.get_tensor(_draws_key(t)).long().cumsum(0), (1, 0))[offsets]
+                for t in self.sample_temperatures
+            }
+            for f, offsets in zip(self._files, self._offsets, strict=True)
         ]
 
     def __len__(self) -> int:
@@ -522,18 +527,17 @@ class TeacherCache:
         ids = ids.to(torch.int64)
         return ids + _ID_OFFSET if self._int16 else ids
 
-    def _draws(self, shard: int, temperature: float, a: int, b: int) -> torch.Tensor:
-        """``[b - a, m_max]`` tail draws of rows [a, b) of a shard, padded with NO_SAMPLE."""
-        starts = self._draw_offsets[shard][temperature][a : b + 1]
-        stored = self._files[shard].get_slice(_samples_key(temperature))
-        flat = self._decode(stored[int(starts[0]) : int(starts[-1])])
-        counts = starts[1:] - starts[:-1]
-        slot = torch.arange(int(counts.max()) if len(counts) else 0)
-        index = (starts[:-1] - starts[0]).unsqueeze(1) + slot
-        valid = slot < counts.unsqueeze(1)
-        return torch.where(
-            valid, flat[index.clamp_max(max(len(flat) - 1, 0))] if len(flat) else -1, NO_SAMPLE
-        )
+    def _draws(self, shard: int, temperature: float, example: int, a: int, b: int) -> torch.Tensor:
+        """``[b - a, m_max]`` tail draws of the rows [a, b) of one example of a shard, padded with NO_SAMPLE."""
+        f = self._files[shard]
+        counts = f.get_slice(_draws_key(temperature))[a:b].long()
+        start = int(self._draw_starts[shard][temperature][example])
+        flat = self._decode(f.get_slice(_samples_key(temperature))[start : start + int(counts.sum())])
+        slots = torch.arange(int(counts.max()) if len(counts) else 0)
+        valid = slots < counts.unsqueeze(1)
+        draws = torch.full(valid.shape, NO_SAMPLE, dtype=torch.int64)
+        draws[valid] = flat  # row by row, each row's draws first: the order they were stored in
+        return draws
 
     def rows(self, example_indices: list[int]) -> SparseTeacher:
         """The teacher rows of these examples (their supervised positions, in order), on the CPU."""
@@ -553,7 +557,7 @@ class TeacherCache:
                     self.vocab_size,
                     {t: f.get_slice(_tail_key(t))[a:b] for t in self.temperatures},
                     self.tail_mode,
-                    {t: self._draws(s, t, a, b) for t in self.sample_temperatures},
+                    {t: self._draws(s, t, local, a, b) for t in self.sample_temperatures},
                 )
             )
         return SparseTeacher.cat(parts)

@@ -71,9 +71,9 @@ class _Objective:
     kd_rate: float
     temperature: float
     with_teacher: bool
-    # The dense teacher rows are already log-probabilities at the temperature (a cached teacher's
-    # spread tail): no second division and log-softmax over [chunk, V].
-    teacher_log_probs: bool = False
+    # A cached teacher's tail spread over all V tokens: the dense kernel gets its rows as log-probabilities
+    # at the temperature already (no second division and log-softmax over [chunk, V]).
+    dense_tail: bool = False
 
 
 def _chunk_kernel(
@@ -99,10 +99,10 @@ def _chunk_kernel(
 
     def scaled_log_probs(student: Tensor) -> tuple[Tensor, Tensor]:
         s = student / temperature
-        t = zt if objective.teacher_log_probs else zt / temperature
+        t = zt if objective.dense_tail else zt / temperature
         if safe:
             return masked_log_probs(s, t)
-        return F.log_softmax(s, -1), t if objective.teacher_log_probs else F.log_softmax(t, -1)
+        return F.log_softmax(s, -1), t if objective.dense_tail else F.log_softmax(t, -1)
 
     if need_grad and entry.value_and_grad is not None:
         ls, lt = scaled_log_probs(z)
@@ -255,7 +255,6 @@ class _FusedLinearDistillation(torch.autograd.Function):
         teacher_ids: Tensor | None,
         teacher_bucket: Tensor | None,
         teacher_samples: Tensor | None,
-        dense_tail: bool,
         targets: Tensor,
         denom: Tensor,
         objective: _Objective,
@@ -278,7 +277,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
         rows_total = student_hidden.shape[0]
         compiled = _use_compile(compile, rows_total // chunk_size)
         # A spread tail has -inf rows where the teacher's tail underflowed: those need the masked path too.
-        spread = teacher_bucket if dense_tail else None
+        spread = teacher_bucket if objective.dense_tail else None
         safe = not _all_finite(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, spread
         )
@@ -291,7 +290,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
             teacher: Tensor | tuple[Tensor, Tensor] | None = None
             if teacher_hidden is not None:
                 teacher = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias).float()
-            elif teacher_ids is not None and dense_tail:
+            elif teacher_ids is not None and objective.dense_tail:
                 # The spread distribution's log-probs at T as dense teacher rows: the dense kernel.
                 samples = None if teacher_samples is None else teacher_samples[rows]
                 teacher = dense_teacher_log_probs(
@@ -333,7 +332,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         grads = [g if g is None else g * grad_loss.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
-        return (*grads, *[None] * 13)
+        return (*grads, *[None] * 12)
 
 
 def fused_linear_distillation_loss(
@@ -429,7 +428,6 @@ def fused_linear_distillation_loss(
         teacher_ids,
         teacher_bucket,
         teacher_samples,
-        dense_tail,
         labels.index_select(0, rows),
         denom,
         objective,

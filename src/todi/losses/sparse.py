@@ -33,9 +33,8 @@ mass B at T, shared out over the ``V - k`` tail tokens:
   share w of the tail is drawn floor(m w) or ceil(m w) times), and the cache shares ``M x rows`` draws
   among the positions of each teacher forward chunk in proportion to their tail mass B at T (a position
   whose top k hold nearly everything needs none; a row given none keeps the even spread; at most 255 a
-  row). Samples exist only at the
-  temperatures the cache was built for; at another T the mode falls back to the even spread, with a
-  warning.
+  row). Samples exist only at the temperatures the cache was built for; at another T the mode falls
+  back to the even spread, with a warning.
 
 With k = V there is no tail and every mode equals the online loss exactly (tested).
 """
@@ -77,7 +76,7 @@ TAIL_FLOOR = 0.1
 NO_SAMPLE = -1  # padding of a row's tail samples
 MAX_ROW_SAMPLES = 255  # draws one row may get (its count is stored in one byte)
 
-_warned_temperatures: set[Any] = set()
+_warned_temperatures: set[tuple[str, float]] = set()  # (what, T) warned once
 
 
 @dataclass
@@ -202,11 +201,11 @@ class SparseTeacher:
         """``log sum_{v in tail} p_v ** (1 / T)`` per row (unnormalised bucket weight at temperature T)."""
         if temperature == 1.0:
             return self.tail
-        for stored, value in self.tempered_tails.items():
-            if math.isclose(stored, temperature, rel_tol=1e-6):
-                return value
-        if temperature not in _warned_temperatures:
-            _warned_temperatures.add(temperature)
+        stored = _stored_at(self.tempered_tails, temperature)
+        if stored is not None:
+            return stored
+        if ("tail", temperature) not in _warned_temperatures:
+            _warned_temperatures.add(("tail", temperature))
             logger.warning(
                 "the teacher cache holds no tail statistics for temperature %g (it has %s); the tail bucket "
                 "assumes its mass is spread evenly over the %d tokens outside the top %d",
@@ -221,9 +220,9 @@ class SparseTeacher:
     def samples_at(self, temperature: float) -> Tensor | None:
         """``[N, M]`` tail samples drawn at ``temperature`` (None, with a warning once, if the cache has
         none there: tail_mode="sampled" then spreads the tail evenly)."""
-        for stored, value in self.tail_samples.items():
-            if math.isclose(stored, temperature, rel_tol=1e-6):
-                return value
+        stored = _stored_at(self.tail_samples, temperature)
+        if stored is not None:
+            return stored
         if ("samples", temperature) not in _warned_temperatures:
             _warned_temperatures.add(("samples", temperature))
             logger.warning(
@@ -252,6 +251,11 @@ class SparseTeacher:
         if self.has_tail:
             columns = torch.cat([columns, self.tail_at(temperature).to(dtype).unsqueeze(1)], dim=1)
         return F.log_softmax(columns, dim=-1)
+
+
+def _stored_at(table: dict[float, Tensor], temperature: float) -> Tensor | None:
+    """The entry of a per-temperature table stored for ``temperature`` (up to float rounding), or None."""
+    return next((v for t, v in table.items() if math.isclose(t, temperature, rel_tol=1e-6)), None)
 
 
 def draw_tail(
