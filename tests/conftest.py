@@ -14,3 +14,15 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def fresh_accelerate_state(monkeypatch):
+    """accelerate keeps process-wide singletons; each in-process run must start from a clean slate (and
+    without torch.compile of the fused loss, which costs more than it saves on tiny runs)."""
+    monkeypatch.setenv("TODI_COMPILE", "0")
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

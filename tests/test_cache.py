@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny import GPT2_DIR
+from tiny import GPT2_DIR, TINY
 from tiny import gpt2_tokenizer as _tokenizer
 from tiny import save_llama as _save_llama
 from tiny import write_data as _write_data
@@ -23,8 +23,6 @@ from todi.losses import (
     fused_linear_distillation_loss,
     sparse_distillation_loss,
 )
-
-TINY = ["--batch-size", "4", "--max-length", "64", "--max-prompt-length", "32", "--report-to", "none"]
 
 
 @pytest.fixture(autouse=True)

@@ -364,7 +364,7 @@ def test_empty_file_and_missing_path(tmp_path):
     path = write_lines(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(DataError, match=r"empty\.jsonl.*holds no examples"):
         load_examples(path)
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match="no such file or folder"):
         load_examples(tmp_path / "nope.jsonl")
 
 

@@ -262,16 +262,24 @@ def test_random_student_never_reads_the_teacher_weights(teachers, tmp_path):
 
 
 def test_existing_output_is_kept_unless_overwrite(teachers, tmp_path):
+    # A folder init-student did not write is never written into, even with --overwrite.
     out = tmp_path / "student"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     options = {"teacher": str(teachers["gpt2"]), "layers": "0,3", "out": str(out)}
-    with pytest.raises(UsageError, match="exists and is not empty") as caught:
-        run(Config(**options))
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match="not empty and was not written by todi"):
+            run(Config(**options, overwrite=overwrite))
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    # A student it wrote is refused without --overwrite and replaced with it.
+    out = tmp_path / "ours"
+    run(Config(**options | {"out": str(out)}))
+    with pytest.raises(UsageError, match="already holds a student") as caught:
+        run(Config(**options | {"out": str(out), "layers": "1,2"}))
     assert "--overwrite" in caught.value.hint
-    assert (out / "keep.txt").is_file()
-    run(Config(**options, overwrite=True))
-    assert not (out / "keep.txt").exists() and (out / INIT_RECORD).is_file()
+    assert json.loads((out / INIT_RECORD).read_text())["layers"] == [0, 3]
+    run(Config(**options | {"out": str(out), "layers": "1,2"}, overwrite=True))
+    assert json.loads((out / INIT_RECORD).read_text())["layers"] == [1, 2]
 
 
 def test_refuses_to_write_over_the_teacher(teachers):

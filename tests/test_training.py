@@ -8,7 +8,6 @@ rest call ``todi.cli.main`` in this process. Tests on the shared Dolly files ski
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -22,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny import DATA, GPT2_DIR
+from tiny import DATA, ENV, GPT2_DIR, TINY, run_todi
 from tiny import gpt2_tokenizer as _tokenizer
 from tiny import save_llama as _save_llama
 from tiny import write_data as _write_data
@@ -39,14 +38,10 @@ from todi.training import DistillConfig, SFTConfig, cosine_schedule, epoch_plan
 
 DOLLY = DATA / "dolly"
 
-pytestmark = pytest.mark.skipif(not GPT2_DIR.is_dir(), reason=f"GPT-2 tokenizer not found at {GPT2_DIR}")
-
-# Subprocesses: one thread each (two ranks share two cores; runs compared with each other use the same
-# setting, as float sums depend on the thread split), and no network.
-# torch.compile of the fused loss costs far more than it saves on these tiny CPU runs.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-ENV["TODI_COMPILE"] = "0"
-TINY = ["--batch-size", "4", "--max-length", "64", "--max-prompt-length", "32", "--report-to", "none"]
+pytestmark = [
+    pytest.mark.skipif(not GPT2_DIR.is_dir(), reason=f"GPT-2 tokenizer not found at {GPT2_DIR}"),
+    pytest.mark.usefixtures("fresh_accelerate_state"),
+]
 
 
 def _save_gpt2(path: Path, tokenizer, hidden: int, seed: int) -> Path:
@@ -71,28 +66,6 @@ def assets(tmp_path_factory) -> SimpleNamespace:
         data=_write_data(root / "train.jsonl", 48, seed=0),
         dev=_write_data(root / "dev.jsonl", 8, seed=1),
     )
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state(monkeypatch):
-    """accelerate keeps process-wide singletons; each in-process run must start from a clean slate."""
-    monkeypatch.setenv("TODI_COMPILE", "0")
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def run_todi(*argv: object) -> int:
-    """``todi ...`` in this process; returns the exit status. One thread, as in the subprocesses: on a
-    busy 2-core machine, two OpenMP threads per op wait on each other and run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return cli.main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def todi_process(*argv: object, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -244,7 +217,7 @@ def no_model_loading(monkeypatch):
     ("option", "message"),
     [
         (["--kd-rate", "1.5"], "--kd-rate must be in [0, 1]"),
-        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--temperature", "0"], "--temperature must be a finite number >= 0.01"),
         (["--lr", "0"], "--lr must be > 0"),
         (["--skew", "0.2"], "takes no parameter 'skew'"),
         (["--loss", "nope"], "unknown divergence 'nope'"),
@@ -262,12 +235,13 @@ def test_bad_options_are_refused_first(tmp_path, capsys, no_model_loading, optio
 def test_existing_run_is_refused_and_left_alone(tmp_path, assets, capsys, no_model_loading):
     out = tmp_path / "run"
     out.mkdir()
+    (out / ".todi-output.json").write_text('{"command": "sft", "run_id": "x"}\n')
     (out / "config.yaml").write_text("model: other\n")
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     before = snapshot(out)
     status = run_todi("sft", "--model", assets.student, "--data", assets.data, "--out", out, *TINY)
     assert status == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds a training run" in capsys.readouterr().err
     assert snapshot(out) == before
 
 

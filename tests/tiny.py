@@ -13,6 +13,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("TODI_DATA", REPO.parent / "shared" / "data"))
 GPT2_DIR = DATA.parent / "tokenizers" / "gpt2"
+# Options that keep a training run tiny (in-process runs and subprocesses alike).
+TINY = ["--batch-size", "4", "--max-length", "64", "--max-prompt-length", "32", "--report-to", "none"]
+# Subprocesses: one thread each (two ranks share two cores; runs compared with each other use the same
+# setting, as float sums depend on the thread split), no network, and no torch.compile of the fused loss
+# (it costs far more than it saves on these tiny CPU runs).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+ENV["TODI_COMPILE"] = "0"
 TEXT = "the a cat dog runs fast slow blue red green tree house river sky sun moon star light dark big"
 
 
@@ -65,3 +72,16 @@ def write_data(path: Path, n: int, seed: int) -> Path:
             }
             file.write(json.dumps(record) + "\n")
     return path
+
+
+def run_todi(*argv: object) -> int:
+    """``todi ...`` in this process; returns the exit status. One thread, as in the subprocesses: on a
+    busy 2-core machine, two OpenMP threads per op wait on each other and run many times slower."""
+    from todi import cli
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cli.main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)

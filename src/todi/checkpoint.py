@@ -18,6 +18,8 @@ on a file system every rank sees (multi-node runs: a shared file system).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -25,6 +27,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,7 @@ __all__ = [
     "rotate_checkpoints",
     "save_checkpoint",
     "verify_checkpoint",
+    "write_errors",
 ]
 
 CHECKPOINTS = "checkpoints"
@@ -80,8 +84,29 @@ class TrainerState:
 
     @classmethod
     def from_file(cls, path: Path) -> TrainerState:
+        """Read a state file; ValueError when it is not one (so a damaged checkpoint is skipped, never
+        half-trusted: a step count that is a string would only fail steps later)."""
         data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for name in ("global_step", "epoch", "step_in_epoch", "tokens_seen"):
+            value = known.get(name, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{path}: {name} must be a whole number >= 0, got {value!r}")
+        for name in ("score", "best_score"):
+            value = known.get(name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise ValueError(f"{path}: {name} must be a number or null, got {value!r}")
+        for name in ("best_step", "evaluated_step"):
+            value = known.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{path}: {name} must be a whole number or null, got {value!r}")
+        for name in ("dev", "extra"):
+            if known.get(name) is not None and not isinstance(known[name], dict):
+                raise ValueError(f"{path}: {name} must be an object, got {known[name]!r}")
+        if known.get("extra") is None:
+            known.pop("extra", None)
         return cls(**known)
 
 
@@ -165,18 +190,48 @@ def save_checkpoint(accelerator: Any, run_dir: str | os.PathLike, state: Trainer
         shutil.rmtree(tmp, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with write_errors(tmp, f"checkpoint {final.name}", cleanup=True):
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_synced(tmp / MANIFEST_NAME, json.dumps(_manifest(tmp), indent=1, sort_keys=True))
-        # The state file goes last: a folder holding it was written completely.
-        _write_synced(tmp / STATE_NAME, state.to_json())
+        with write_errors(tmp, f"checkpoint {final.name}", cleanup=True):
+            _write_synced(tmp / MANIFEST_NAME, json.dumps(_manifest(tmp), indent=1, sort_keys=True))
+            # The state file goes last: a folder holding it was written completely.
+            _write_synced(tmp / STATE_NAME, state.to_json())
         if final.exists():  # a resume that fell back past this step rewrites it
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(folder)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def write_errors(path: Path, what: str, *, cleanup: bool = False) -> Iterator[None]:
+    """Turn a failed write (a full disk, a quota, a read-only mount) into an error that names the file and
+    says what survived; torch reports a full disk as an obscure ``inline_container.cc`` RuntimeError."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        text = str(err)
+        full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+            s in text for s in ("No space left", "file write failed", "unexpected pos", "Disk quota")
+        )
+        if not full and not isinstance(err, OSError):
+            raise
+        if cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        cause = (
+            "the disk is full" if full else f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+        )
+        raise TodiError(
+            f"could not write {what} to {path}: {cause} ({free})",
+            "earlier checkpoints and exports are intact; free space (or fix the folder) and rerun with --resume",
+        ) from err
 
 
 def verify_checkpoint(path: Path) -> str | None:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -76,14 +77,60 @@ def _top_level_help() -> str:
     )
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first_line: int, first_key: Any, top: bool) -> None:
+        super().__init__(key)
+        self.key, self.line, self.first_line, self.first_key, self.top = key, line, first_line, first_key, top
+
+
+def _unique_key_loader():
+    """A YAML SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last).
+
+    At the top level, ``max-length`` and ``max_length`` name one option, so they count as the same key.
+    """
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        _root: Any = None
+
+        def construct_document(self, node):
+            self._root = node
+            return super().construct_document(node)
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                top = node is self._root
+                seen: dict[Any, tuple[int, Any]] = {}
+                for key_node, _ in node.value:
+                    if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node)
+                    name = str(key).replace("-", "_") if top else key
+                    line = key_node.start_mark.line + 1
+                    if name in seen:
+                        raise _DuplicateKey(key, line, *seen[name], top)
+                    seen[name] = (line, key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def _load_yaml(path: str) -> dict:
     import yaml
 
     file = Path(path)
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist", "check the path given to --config") from None
+    except _DuplicateKey as dup:
+        what = "option" if dup.top else "key"
+        spelled = "" if dup.first_key == dup.key else f" as {dup.first_key}"
+        raise UsageError(
+            f"config file {path} line {dup.line}: {what} {dup.key} is given twice "
+            f"(first on line {dup.first_line}{spelled})",
+            "keep only one of them: YAML would silently use the last value",
+        ) from None
     except yaml.YAMLError as err:
         raise UsageError(f"config file {path} is not valid YAML: {err}".replace("\n", " ")) from None
     if not isinstance(data, dict):
@@ -158,9 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if err.hint:
             print(f"hint: {err.hint}", file=sys.stderr)
         return 2 if isinstance(err, UsageError) else 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        # Ctrl-C exits 130; an interrupt raised for another signal (SIGTERM: 143) carries ``signum``.
         print(f"todi {name}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(err, "signum", None) or signal.SIGINT)
     except Exception as err:
         if debug:
             raise

@@ -11,11 +11,13 @@ field, with a hint saying how to fix it, before any training starts.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
 import os
 import random
+import re
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +57,20 @@ _FORMAT_HINT = (
     "each line must be one JSON object with 'instruction', optional 'input' and 'output' "
     "(a string or a list of reference strings), or with a pre-templated 'prompt' and 'output'"
 )
+_JSON_HINT = (
+    "a .json file must hold one JSON array of records, [{...}, {...}], or one JSON object per line; "
+    "each record has 'instruction', optional 'input' and 'output', or 'prompt' and 'output'"
+)
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow")
+"""A value of ``--data`` ending so names a local file, never a Hugging Face Hub data set."""
+_UNREADABLE_SUFFIXES = {  # suffix -> how pandas reads it, for the conversion hint
+    ".parquet": "read_parquet('{name}')",
+    ".csv": "read_csv('{name}')",
+    ".tsv": "read_csv('{name}', sep='\\t')",
+    ".arrow": "read_feather('{name}')",
+}
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 class DataError(TodiError):
@@ -102,21 +118,31 @@ def load_examples(
 ) -> list[Example]:
     """Load and validate a data set, failing on the first bad record with its file, line and field.
 
-    ``source`` is a JSON-lines file; a folder holding ``{split}.jsonl`` (``valid.jsonl`` serves for
-    ``dev``); a folder saved with ``datasets``' ``save_to_disk``; or a Hugging Face ``datasets`` name.
+    ``source`` is a JSON-lines file; a ``.json`` file holding either one JSON array of records or one
+    record per line (as ``datasets`` reads them); a folder holding ``{split}.jsonl`` or ``{split}.json``
+    (``valid`` serves for ``dev``); a folder saved with ``datasets``' ``save_to_disk``; or a Hugging Face
+    ``datasets`` name. A ``.jsonl`` (or other non-``.json``) file holding one JSON array is refused with a
+    hint to rename it to ``.json``: that extension promises one record per line, which other line-based
+    tools rely on. Parquet/CSV files are refused with a conversion hint rather than misread as JSON.
+
+    A value that ends in a data-file suffix (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, ``.txt``...),
+    starts with ``./``, ``../``, ``/`` or ``~``, holds more than one path separator, or is a
+    ``PathLike`` is a local path only: if it does not exist the error says where it was looked for,
+    and no Hub look-up happens. Any other missing value (``owner/name``) is tried on the Hub.
+
     ``max_examples`` keeps the first N examples (and reads no further), for quick runs.
     """
     if max_examples is not None and max_examples < 1:
         raise UsageError(f"max_examples must be at least 1, got {max_examples}", "leave it unset to load all")
     path = Path(source).expanduser()
     if path.is_file():
-        examples = _read_jsonl(path, max_examples)
+        examples = _read_file(path, max_examples)
     elif path.is_dir():
         examples = _load_folder(path, split, max_examples)
-    elif str(source).endswith((".jsonl", ".json")) or str(source).startswith(("/", ".", "~")):
-        raise DataError(f"data file {source} does not exist", "check the path (and the TODI_DATA variable)")
+    elif isinstance(source, os.PathLike) or _is_local_path(str(source)):
+        raise _no_such_path(str(source), path)
     else:
-        examples = _load_hub(str(source), split, max_examples)
+        examples = _load_hub(str(source), split, max_examples, path)
     if not examples:
         raise DataError(
             f"{source} holds no examples" + ("" if path.is_file() else f" for split {split!r}"),
@@ -128,30 +154,73 @@ def load_examples(
 
 def _load_folder(folder: Path, split: str, max_examples: int | None) -> list[Example]:
     for name in _SPLIT_ALIASES.get(split, (split,)):
-        candidate = folder / f"{name}.jsonl"
-        if candidate.is_file():
-            return _read_jsonl(candidate, max_examples)
+        for suffix in (".jsonl", ".json"):
+            candidate = folder / f"{name}{suffix}"
+            if candidate.is_file():
+                return _read_file(candidate, max_examples)
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
         import datasets
 
         return _from_hf(datasets.load_from_disk(str(folder)), str(folder), split, max_examples)
-    found = sorted(p.name for p in folder.glob("*.jsonl")) or ["no .jsonl files"]
+    found = sorted(p.name for p in (*folder.glob("*.jsonl"), *folder.glob("*.json"))) or ["no .jsonl files"]
     raise DataError(
         f"folder {folder} has no {split}.jsonl (found: {', '.join(found)})",
         "name the split files train.jsonl, dev.jsonl (or valid.jsonl) and test.jsonl, or pass a file path",
     )
 
 
-def _load_hub(name: str, split: str, max_examples: int | None) -> list[Example]:
-    import datasets
+def _is_local_path(text: str) -> bool:
+    """Whether ``text`` can only mean a local path (see ``load_examples``), not a Hub data set name."""
+    separators = text.count("/") + (text.count(os.sep) if os.sep != "/" else 0)
+    return text.lower().endswith(_DATA_SUFFIXES) or text.startswith((".", "/", "~", os.sep)) or separators > 1
 
+
+def _no_such_path(given: str, path: Path) -> DataError:
+    """Say where a missing path was looked for, and what the nearest existing folder holds."""
+    absolute = path.resolve()
+    parent = absolute.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    hint = "check the path (a relative one starts from the current folder)"
+    try:
+        names = sorted(
+            entry.name + ("/" if entry.is_dir() else "")
+            for entry in os.scandir(parent)
+            if entry.name[:1] != "."
+        )
+    except OSError:
+        return DataError(f"no such file or folder: {given} (looked for it at {absolute})", hint)
+    missing = absolute.relative_to(parent).parts[0]
+    close = difflib.get_close_matches(missing, [n.rstrip("/") for n in names], n=1, cutoff=0.6)
+    shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+    hint = f"{hint}; the nearest existing folder, {parent}, holds: {shown or 'nothing'}"
+    if close:
+        hint += f" (did you mean {close[0]!r} for {missing!r}?)"
+    return DataError(f"no such file or folder: {given} (looked for it at {absolute})", hint)
+
+
+def _load_hub(name: str, split: str, max_examples: int | None, path: Path) -> list[Example]:
+    not_local = f"could not load {name!r}: it is not a local path (nothing at {path.resolve()})"
+    hint = (
+        "check the spelling; pass a .jsonl or .json file, a folder with train/dev/test.jsonl or a "
+        "save_to_disk folder (start a relative path with ./); a Hugging Face Hub name needs network access"
+    )
+    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "") not in ("", "0")]
+    if offline:
+        hint += f" and {' / '.join(offline)} unset"
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{not_local}, and the Hugging Face Hub cannot be tried: the 'datasets' package is not installed",
+            hint + ", and `pip install datasets` for Hub data sets",
+        ) from None
     try:
         loaded = datasets.load_dataset(name)
     except Exception as err:  # network, unknown name, bad script: all mean "cannot use this source"
+        reason = (f"{type(err).__name__}: {err}".strip().splitlines() or [""])[0][:300]
         raise DataError(
-            f"could not load data set {name!r}: {type(err).__name__}: {err}".splitlines()[0],
-            "pass a .jsonl file, a folder with train/dev/test.jsonl or a save_to_disk folder; "
-            "a Hugging Face Hub name needs network access",
+            f"{not_local}, nor a data set reachable on the Hugging Face Hub ({reason})", hint
         ) from err
     return _from_hf(loaded, name, split, max_examples)
 
@@ -174,6 +243,100 @@ def _from_hf(loaded: Any, name: str, split: str, max_examples: int | None) -> li
         loaded = loaded.select(range(min(max_examples, len(loaded))))
     label = f"{name}[{split}]"
     return [_example_from_record(row, f"{label}, row {i}", f"{label}:{i}") for i, row in enumerate(loaded, 1)]
+
+
+def _read_file(path: Path, max_examples: int | None) -> list[Example]:
+    """JSON lines, or (``.json`` only) one JSON array of records; refuse formats todi does not read."""
+    suffix = path.suffix.lower()
+    if suffix in _UNREADABLE_SUFFIXES:
+        read = _UNREADABLE_SUFFIXES[suffix].format(name=path.name)
+        raise DataError(
+            f"{path}: todi reads JSON lines (.jsonl) or a JSON array (.json), not {suffix} files",
+            f'convert it to .jsonl, e.g. `python -c "import pandas as pd; pd.{read}.to_json('
+            f"'{path.stem}.jsonl', orient='records', lines=True, force_ascii=False)\"`",
+        )
+    if _starts_with_array(path):
+        if suffix == ".json":
+            return _read_json_array(path, max_examples)
+        raise DataError(
+            f"{path} holds one JSON array, not one record per line",
+            "rename it to .json (todi reads a .json file holding one array of records) "
+            "or write one record per line",
+        )
+    return _read_jsonl(path, max_examples)
+
+
+def _starts_with_array(path: Path) -> bool:
+    """Whether the file's first non-space character is ``[`` and its first line is not one complete
+    JSON value followed by more lines (that is JSON lines with a bad first line, reported as such)."""
+    with path.open("rb") as file:
+        first = file.readline()
+        head = first.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n")
+        while not head and first:
+            first = file.readline()
+            head = first.lstrip(b" \t\r\n")
+        if not head.startswith(b"["):
+            return False
+        try:
+            json.loads(head)
+        except ValueError:  # an array spread over lines, or bad bytes: let the array reader report it
+            return True
+        return not any(line.strip() for line in file)
+
+
+def _read_json_array(path: Path, max_examples: int | None) -> list[Example]:
+    """One JSON array of records; a record's place is ``record N (line L)``, L where the record starts."""
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        start, end = raw.rfind(b"\n", 0, err.start) + 1, raw.find(b"\n", err.start)
+        line = raw[start : len(raw) if end < 0 else end]
+        lineno = raw.count(b"\n", 0, start) + 1
+        where = f"{path}, line {lineno}"
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as line_err:
+            raise _not_utf8(line, line_err, where) from None
+        raise  # unreachable: the bad byte is on that line
+
+    def malformed(msg: str, pos: int) -> DataError:
+        lineno = text.count("\n", 0, pos) + 1
+        column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        return DataError(f"{path}, line {lineno}: malformed JSON ({msg} at column {column})", _JSON_HINT)
+
+    decoder = json.JSONDecoder()
+    pos = _JSON_SPACE.match(text, 0).end()
+    if not text.startswith("[", pos):
+        raise malformed("Expecting '['", pos)
+    pos = _JSON_SPACE.match(text, pos + 1).end()
+    examples: list[Example] = []
+    lineno, counted = 1, 0
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            try:
+                record, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as err:
+                raise malformed(err.msg, err.pos) from None
+            lineno, counted = lineno + text.count("\n", counted, pos), pos
+            where = f"{path}, record {len(examples) + 1} (line {lineno})"
+            examples.append(_example_from_record(record, where, f"{path}:{lineno}"))
+            if max_examples is not None and len(examples) >= max_examples:
+                return examples
+            pos = _JSON_SPACE.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = _JSON_SPACE.match(text, pos + 1).end()
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                raise malformed("Expecting ',' delimiter" if pos < len(text) else "Expecting ']'", pos)
+    pos = _JSON_SPACE.match(text, pos).end()
+    if pos != len(text):
+        raise malformed("Extra data after the array", pos)
+    return examples
 
 
 def _read_jsonl(path: Path, max_examples: int | None) -> list[Example]:
@@ -230,8 +393,26 @@ def _is_utf8(value: Any) -> bool:
     return True
 
 
+def _check_surrogates(text: str, where: str, field: str) -> None:
+    """Valid JSON may escape half a UTF-16 surrogate pair ("\\ud800"); no tokenizer can encode that."""
+    found = _SURROGATE.search(text)
+    if found:
+        raise DataError(
+            f"{where}: field {field!r} holds a lone surrogate \\u{ord(found.group()):04x} at character "
+            f"{found.start() + 1}, which is not valid Unicode text and cannot be encoded as UTF-8",
+            "fix or drop that character (half of a \\uXXXX\\uXXXX pair, often from text cut inside an emoji)",
+        )
+
+
 def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number"}
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
@@ -251,6 +432,8 @@ def _example_from_record(record: Any, where: str, source: str) -> Example:
                 f"{where}: field {field!r} is {_json_type(value)}, expected a string",
                 f"make {field!r} a JSON string (in quotes)",
             )
+        if value is not None:
+            _check_surrogates(value, where, field)
         return value
 
     prompt = text_field("prompt")
@@ -270,6 +453,7 @@ def _example_from_record(record: Any, where: str, source: str) -> Example:
     if output is None:
         raise DataError(f"{where}: {missing('output')}", _FORMAT_HINT + "; rename or add the field")
     if isinstance(output, str):
+        _check_surrogates(output, where, "output")
         references: tuple[str, ...] = (output,)
     elif isinstance(output, list):
         if not output:
@@ -280,6 +464,7 @@ def _example_from_record(record: Any, where: str, source: str) -> Example:
                     f"{where}: field 'output[{i}]' is {_json_type(ref)}, expected a string",
                     "make every reference in 'output' a JSON string",
                 )
+            _check_surrogates(ref, where, f"output[{i}]")
         references = tuple(output)
     else:
         raise DataError(
@@ -498,7 +683,15 @@ def encode_examples(
     max_prompt_length: int = 256,
     max_length: int = 512,
 ) -> tuple[list[dict[str, list[int]]], EncodeStats]:
-    """Encode a data set exactly as ``encode_example`` does (batched for speed); log what truncation did."""
+    """Encode a data set exactly as ``encode_example`` does (batched for speed); log what truncation did.
+
+    Text in the data that spells a special token of the tokenizer (``tokenizer.all_special_tokens``,
+    e.g. ``<|endoftext|>`` in an output) is read as that special token, e.g. EOS, not as plain text,
+    as Hugging Face tokenizers and TRL do by default. It is kept so, but one warning per data file names
+    the first example holding one (file and line), the token text and how many examples hold one.
+    ``instruction``, ``input`` and the training ``output`` are scanned; a verbatim ``prompt`` is not, as
+    pre-templated prompts carry special tokens on purpose.
+    """
     _check_lengths(max_prompt_length, max_length)
     check_template(template, tokenizer)
     if not examples:
@@ -506,6 +699,7 @@ def encode_examples(
     bos, eos = _bos_prefix(tokenizer, template), _eos_id(tokenizer)
     prompts = _tokenize(tokenizer, [render_prompt(ex, template, tokenizer) for ex in examples])
     responses = _tokenize(tokenizer, [ex.output for ex in examples])
+    _warn_special_token_text(examples, tokenizer)
     stats = EncodeStats(examples=len(examples))
     encoded = []
     for prompt_ids, response_ids in zip(prompts, responses):
@@ -524,6 +718,45 @@ def encode_examples(
             "raise max_length above max_prompt_length so every response keeps some tokens",
         )
     return encoded, stats
+
+
+def _warn_special_token_text(examples: Sequence[Example], tokenizer: Any) -> None:
+    """One warning per data file whose examples spell a special token (a substring scan, no tokenising)."""
+    specials = {t for t in getattr(tokenizer, "all_special_tokens", ()) if isinstance(t, str) and t}
+    if not specials:
+        return
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+    # file -> [examples, examples holding a special token, (where, field, token) of the first]
+    files: dict[str, list] = {}
+    for ex in examples:
+        file, _, number = ex.source.rpartition(":")
+        if not number.isdigit():
+            file, number = ex.source, ""
+        counts = files.setdefault(file, [0, 0, None])
+        counts[0] += 1
+        for field, text in (("instruction", ex.instruction), ("input", ex.input), ("output", ex.output)):
+            found = pattern.search(text)
+            if found:
+                counts[1] += 1
+                if counts[2] is None:
+                    row = "row" if file.endswith("]") else "line"
+                    where = f"{file}, {row} {number}" if number else file or "an example without a source"
+                    counts[2] = (where, field, found.group())
+                break
+    for file, (total, with_special, first) in files.items():
+        if with_special:
+            where, field, token = first
+            logger.warning(
+                "%s: %d of %d examples hold the text of a special token, first %s in field %r of %s; the "
+                "tokenizer reads it as that special token, not as plain text (edit the data if it is meant "
+                "as text)",
+                file or "data",
+                with_special,
+                total,
+                repr(token),
+                field,
+                where,
+            )
 
 
 def encode_prompt(

@@ -5,6 +5,9 @@ the user cache folder, so a second run skips it); train one student per objectiv
 FKL, RKL and ToDi; every registry objective with ``--all``) with the same steps, data order and seed;
 evaluate teacher and students on the held-out split (sampled ROUGE-L over several seeds, as the paper
 evaluates, and exact match); write ``report.md`` with the table and three figures.
+
+``--out`` is a todi output folder (:mod:`todi.outputs`): a rerun works in its own demo folder again, and
+``--overwrite`` replaces a demo folder afresh; a folder that is not a demo is never written into.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from todi import demo_tasks
 from todi.errors import UsageError
+from todi.outputs import OutputFolder
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +59,7 @@ class Config:
     cache_dir: str | None = _opt(
         None, "where the trained teacher is cached (default: $TODI_CACHE or ~/.cache/todi)"
     )
-    overwrite: bool = _opt(False, "replace an existing demo in --out")
+    overwrite: bool = _opt(False, "start afresh: replace the demo already in --out (never another folder)")
 
 
 @dataclass(frozen=True)
@@ -236,15 +240,34 @@ def _teacher(config: Config, profile: Profile, tokenizer: Any, data: Path, work:
     return cached / "final", time.perf_counter() - start
 
 
+def _objectives(config: Config) -> list[str]:
+    from todi.divergences import DIVERGENCES
+
+    return ["sft", *(DIVERGENCES if config.all else ("fkl", "rkl", "todi"))]
+
+
+def _student_run(runs: Path, objective: str, seed: int) -> Path:
+    return runs / objective / f"seed{seed}"
+
+
+def _check_student_runs(config: Config, profile: Profile, runs: Path) -> None:
+    """Refuse at once, not after the teacher has trained, when a student run folder the demo is to
+    (re)write is one its training run may not replace: a run of an older todi, or not a run at all."""
+    for offset in profile.student_seeds:
+        for objective in _objectives(config):
+            command = "sft" if objective == "sft" else "distill"
+            path = _student_run(runs, objective, config.seed + offset)
+            OutputFolder(path, command, overwrite=True).check(option="student run")
+
+
 def _students(
     config: Config, profile: Profile, tokenizer: Any, data: Path, teacher: Path, runs: Path
 ) -> dict[str, list[Path]]:
     """Every objective's students (their best dev ROUGE-L checkpoints), one per seed in
     ``profile.student_seeds``; the seed sets initialisation and data order, shared by all objectives."""
-    from todi.divergences import DIVERGENCES
     from todi.training import DistillConfig, SFTConfig, train
 
-    objectives = ["sft", *(DIVERGENCES if config.all else ("fkl", "rkl", "todi"))]
+    objectives = _objectives(config)
     chosen: dict[str, list[Path]] = {objective: [] for objective in objectives}
     for offset in profile.student_seeds:
         seed = config.seed + offset
@@ -256,7 +279,7 @@ def _students(
             options = _train_options(
                 profile,
                 data,
-                runs / objective / f"seed{seed}",
+                _student_run(runs, objective, seed),
                 profile.student_steps,
                 profile.student_lr,
                 seed,
@@ -341,16 +364,28 @@ def _evaluate(
 
 
 def run(config: Config) -> None:
-    from todi import demo_report
-
     profile = PROFILES["quick" if config.quick else "default"]
     out = Path(config.out)
-    if out.exists() and any(out.iterdir()) and not (out / "report.md").exists() and not config.overwrite:
+    folder = OutputFolder(out, "demo", overwrite=config.overwrite)
+    if folder.status() == "foreign":
         raise UsageError(
-            f"{out} exists and is not a todi demo folder", "choose another --out or pass --overwrite"
+            f"{out} exists and is not a todi demo folder; refusing to write into it"
+            + (" or delete it" if config.overwrite else ""),
+            "choose another --out (a new or empty folder, or a demo folder of an earlier run)",
         )
+    # A rerun reuses its own demo folder (its student runs are retrained in place), as before markers.
+    with folder.claim(reuse=True):
+        if not config.overwrite:
+            _check_student_runs(config, profile, out / "runs")
+        # No inputs to load: the old demo (--overwrite) is set aside now, deleted when this one succeeds.
+        folder.replace_old()
+        _run(config, profile, out)
+
+
+def _run(config: Config, profile: Profile, out: Path) -> None:
+    from todi import demo_report
+
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = demo_tasks.build_tokenizer()
     data = out / "data"
     paths = demo_tasks.write_splits(

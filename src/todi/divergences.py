@@ -13,7 +13,9 @@ Numerical safety (the reference research code is not safe here):
 
 * logits are upcast to float32 before the softmax (float64 stays float64), so bf16 models
   get float32 probabilities;
-* an entry whose student or teacher logit is not finite (a masked vocabulary item) is
+* a NaN teacher logit is an error (:class:`todi.errors.NonFiniteError`): a teacher that outputs NaN
+  is broken, and treating it as a masked item would silently train on a zero divergence;
+* an entry whose student or teacher logit is infinite (a masked vocabulary item) is
   removed from both distributions and contributes exactly 0 to every divergence, with a
   zero gradient; a position where every entry is masked has divergence 0;
 * masked log-probabilities are replaced by :data:`LOG_FLOOR`, a finite number whose exp is
@@ -31,10 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from todi.errors import NonFiniteError
+
 __all__ = [
     "DIVERGENCES",
     "LOG_FLOOR",
     "Divergence",
+    "check_teacher_logits",
     "divergence",
     "get_divergence",
     "log_probs",
@@ -75,6 +80,9 @@ class Divergence:
         for name, value in resolved.items():
             if name in ("skew", "mu") and not 0.0 <= value <= 1.0:
                 raise ValueError(f"divergence {self.name!r}: {name}={value} must lie in [0, 1]")
+            if name == "beta" and not value >= 0.0:
+                # beta = 0 is the token-blind mix a = 1/2; a negative beta would reverse ToDi's routing.
+                raise ValueError(f"divergence {self.name!r}: beta={value} must be >= 0")
             if not math.isfinite(value):
                 raise ValueError(f"divergence {self.name!r}: {name}={value} must be finite")
         return resolved
@@ -148,7 +156,19 @@ def log_probs(
         t = t / temperature
     if bool(torch.isfinite(s).all()) and bool(torch.isfinite(t).all()):
         return F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    check_teacher_logits(t)
     return masked_log_probs(s, t)
+
+
+def check_teacher_logits(teacher_logits: Tensor) -> None:
+    """Raise :class:`NonFiniteError` when teacher logits hold NaN (a -inf logit is a masked item)."""
+    nan_rows = torch.isnan(teacher_logits).reshape(-1, teacher_logits.shape[-1]).any(-1)
+    if bool(nan_rows.any()):
+        raise NonFiniteError(
+            f"the teacher's logits are NaN at {int(nan_rows.sum())} of {nan_rows.numel()} positions "
+            "(a masked vocabulary item is -inf, never NaN)",
+            "check the teacher: a NaN weight, or float16 overflow (load it in float32 or bfloat16)",
+        )
 
 
 def masked_log_probs(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,3 +13,15 @@ class TodiError(Exception):
 
 class UsageError(TodiError):
     """Bad options or arguments (exit status 2)."""
+
+
+class NonFiniteError(TodiError, ValueError):
+    """A NaN or infinity where a number must be finite (a teacher's logits, a loss, a gradient norm)."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped by a signal after saving its state; the CLI exits with 128 + ``signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

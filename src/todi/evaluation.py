@@ -8,10 +8,14 @@ averaged over examples, x100; reported as mean ± std over seeds.
 ``todi eval`` writes, under ``--out``::
 
     predictions/<model>/<dataset>/seed<k>.jsonl   one line per example (the finished "cells")
+    predictions/<model>/model.json                the model the cells are of: its path and content key
     predictions/settings.json                     decoding settings the cells were produced with
     results.json, results.md, rougeL.png          summary over seeds and datasets (see todi.report)
 
-A rerun skips cells whose predictions file is complete, so an interrupted evaluation resumes.
+A rerun skips cells whose predictions file is complete, so an interrupted evaluation resumes; cells are
+reused only for the model they were made with (``model.json``: another model, or the same path after
+retraining, is refused rather than given the old answers). ``--out`` is a todi output folder
+(:mod:`todi.outputs`): locked while a command writes it, and never a folder of anything else.
 The library functions (``generate``, ``evaluate_model``, ``rouge_l``) serve dev-set scoring in training.
 """
 
@@ -44,12 +48,14 @@ from todi.data import (
     resolve_data_root,
 )
 from todi.errors import UsageError
-from todi.models import load_causal_lm, load_tokenizer, resolve_dtype
+from todi.models import load_causal_lm, load_tokenizer, model_identity, resolve_dtype
+from todi.outputs import OutputFolder
 
 log = logging.getLogger(__name__)
 
 PAPER_SEEDS = "10,20,30,40,50"
 PAPER_DATASETS = "dolly,self-inst,vicuna"
+MODEL_RECORD = "model.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -541,8 +547,61 @@ def _check_settings(pred_root: Path, settings: dict[str, Any]) -> None:
                 f"{pred_root} holds predictions made with other settings ({diff})",
                 "use another --out, or delete its predictions folder to start over",
             )
+
+
+def _write_settings(pred_root: Path, settings: dict[str, Any]) -> None:
     pred_root.mkdir(parents=True, exist_ok=True)
-    report.write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
+    report.write_text_atomic(pred_root / "settings.json", json.dumps(settings, indent=2) + "\n")
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        raise UsageError(
+            f"{path} is not valid JSON", f"delete {path.parent} to recompute its predictions"
+        ) from None
+    return record if isinstance(record, dict) else {}
+
+
+def _same_path(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+
+
+def _check_model(folder: Path, model_path: str) -> str:
+    """The content key of ``model_path``; refuses when ``folder`` holds cells of another model.
+
+    Cells are keyed by the model's name, which two models may share (``a/todi/final`` and
+    ``b/todi/final`` are both ``todi-final``) and which a retrained model keeps: ``model.json`` records
+    what they were made with. Cells written before it existed are taken as the current model's.
+    """
+    identity = model_identity(model_path)
+    earlier = _read_record(folder / MODEL_RECORD)
+    if not earlier.get("identity") or earlier["identity"] == identity:
+        return identity
+    if not any(folder.rglob("seed*.jsonl")):
+        return identity  # a record without cells: nothing to mix up, it is rewritten
+    before = str(earlier.get("path", "?"))
+    if _same_path(before, model_path):
+        what = f"--model {model_path} has changed since (other weights or config)"
+    else:
+        what = f"--model {model_path} is another model with the same name"
+    raise UsageError(
+        f"{folder} holds predictions of {before}, but {what}; its cells would be reused for the wrong model",
+        f"pass --name to tell them apart, or delete {folder} to recompute",
+    )
+
+
+def _record_model(folder: Path, model_path: str, identity: str) -> None:
+    """Write ``model.json`` unless it already names this model (checked by :func:`_check_model`)."""
+    if _read_record(folder / MODEL_RECORD).get("identity") == identity:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"path": str(model_path), "identity": identity}
+    report.write_text_atomic(folder / MODEL_RECORD, json.dumps(record, indent=2) + "\n")
 
 
 def _read_cell(path: Path, examples: Sequence[Example]) -> list[float] | None:
@@ -606,11 +665,13 @@ def _evaluate_one(
     config: Config,
     name: str,
     model_path: str,
+    identity: str,
     datasets: dict[str, list[Example]],
     seeds: list[int],
     folder: Path,
 ) -> dict[str, dict[int, float]]:
-    """Mean ROUGE-L per dataset and seed for one model, generating only the cells not yet on disk."""
+    """Mean ROUGE-L per dataset and seed for one model, generating only the cells not yet on disk
+    (``identity``: the model's content key, already checked against the cells' ``model.json``)."""
     scores: dict[str, dict[int, float]] = {d: {} for d in datasets}
     todo: dict[str, list[int]] = {d: [] for d in datasets}
     for dataset, examples in datasets.items():
@@ -622,6 +683,7 @@ def _evaluate_one(
                 scores[dataset][seed] = math.fsum(cell_scores) / len(cell_scores)
     remaining = sum(map(len, todo.values()))
     if remaining < len(datasets) * len(seeds):
+        _record_model(folder, model_path, identity)  # cells from before model.json get one
         log.info(
             "%s: %d of %d cells already done",
             name,
@@ -635,6 +697,7 @@ def _evaluate_one(
     model, tokenizer = load_model(
         model_path, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code
     )
+    _record_model(folder, model_path, identity)  # before its first cell
     settings = config.generation_settings()
     for dataset, examples in datasets.items():
         if not todo[dataset]:
@@ -677,27 +740,38 @@ def _evaluate(config: Config) -> None:
         seeds = seeds[:1]
     names = _model_names(config)
     # Everything a user can get wrong is checked before the first (slow) model load.
-    datasets = _load_datasets(resolve_datasets(config.data, config.data_root), config.max_examples)
+    sources = resolve_datasets(config.data, config.data_root)
+    datasets = _load_datasets(sources, config.max_examples)
     out = Path(config.out)
     pred_root = out / "predictions"
-    _check_settings(pred_root, _settings_record(config))
-
-    scores = {
-        name: _evaluate_one(config, name, path, datasets, seeds, pred_root / name)
-        for name, path in zip(names, config.model)
-    }
-    n_examples = {name: {d: len(ex) for d, ex in datasets.items()} for name in names}
-    results = {
-        "metric": "rougeL",
-        "datasets": list(datasets),
-        "seeds": seeds,
-        "settings": _settings_record(config),
-        "models": report.summarize(
-            scores, list(datasets), n_examples=n_examples, paths=dict(zip(names, config.model))
-        ),
-    }
-    report.write_report(results, out)
+    inputs = _numbered("--model", config.model) | _numbered("--data", [str(s) for s in sources.values()])
+    # No --overwrite: finished cells are reused, and a folder that is not an evaluation is refused.
+    with OutputFolder(out, "eval", inputs=inputs).claim(reuse=True) as folder:
+        _check_settings(pred_root, _settings_record(config))
+        identities = [_check_model(pred_root / name, path) for name, path in zip(names, config.model)]
+        folder.replace_old()
+        _write_settings(pred_root, _settings_record(config))
+        scores = {
+            name: _evaluate_one(config, name, path, identity, datasets, seeds, pred_root / name)
+            for name, path, identity in zip(names, config.model, identities)
+        }
+        n_examples = {name: {d: len(ex) for d, ex in datasets.items()} for name in names}
+        results = {
+            "metric": "rougeL",
+            "datasets": list(datasets),
+            "seeds": seeds,
+            "settings": _settings_record(config),
+            "models": report.summarize(
+                scores, list(datasets), n_examples=n_examples, paths=dict(zip(names, config.model))
+            ),
+        }
+        report.write_report(results, out)
     print(report.markdown_table(results))
+
+
+def _numbered(option: str, values: Sequence[str]) -> dict[str, str]:
+    """Inputs of a repeated option for OutputFolder: ``--model``, ``--model (2)``, ..."""
+    return {option if i == 0 else f"{option} ({i + 1})": value for i, value in enumerate(values)}
 
 
 def run(config: Config) -> None:
@@ -709,14 +783,13 @@ def run(config: Config) -> None:
             raise UsageError(
                 "--compare merges earlier results and takes no --model", "drop --model or --compare"
             )
-        out = Path(config.out).resolve()
-        if any(Path(folder).resolve() == out for folder in config.compare):
-            raise UsageError(
-                "--out is one of the --compare folders; merging would overwrite its results",
-                "write the merged table to a new folder",
-            )
-        results = report.merge_results(config.compare)
-        report.write_report(results, Path(config.out))
+        # OutputFolder refuses an --out that is (or holds) one of the --compare folders, or is not an
+        # evaluation folder; an earlier merged table in it is replaced (it is made from the inputs alone).
+        inputs = _numbered("--compare", config.compare)
+        with OutputFolder(config.out, "eval", inputs=inputs).claim(reuse=True) as folder:
+            results = report.merge_results(config.compare)
+            folder.replace_old()
+            report.write_report(results, Path(config.out))
         print(report.markdown_table(results))
         return
     _evaluate(config)

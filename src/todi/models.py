@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from todi.errors import TodiError, UsageError
+from todi.errors import NonFiniteError, TodiError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +33,13 @@ __all__ = [
     "DTYPES",
     "add_lora",
     "causal_lm",
+    "check_finite_parameters",
     "count_parameters",
     "export_model",
     "freeze",
     "load_causal_lm",
     "load_tokenizer",
+    "model_identity",
     "resolve_dtype",
     "resolve_model_path",
     "todi_cache_dir",
@@ -317,6 +319,22 @@ def _is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def check_finite_parameters(model: nn.Module, what: str, dtype_option: str = "--dtype") -> None:
+    """Raise NonFiniteError naming the first parameter of ``model`` holding a NaN or an infinity: such a
+    model can only train to NaN (or, as a teacher, teach NaN), and finding out at load time costs one
+    pass over the weights (one max and one min per tensor: no copies)."""
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or param.numel() == 0:
+            continue
+        if not bool(torch.isfinite(param.amax()) & torch.isfinite(param.amin())):
+            raise NonFiniteError(
+                f"{what}: parameter {name} {tuple(param.shape)} holds NaN or infinite values (loaded as "
+                f"{str(param.dtype).removeprefix('torch.')})",
+                "a NaN weight means a damaged checkpoint or a diverged training run: use another one; an "
+                f"infinite weight may be a float16 overflow: try {dtype_option} float32 or bfloat16",
+            )
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -359,3 +377,42 @@ def export_model(
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
+
+
+# Files whose bytes make a model what it is (weights, adapters, the config that shapes them).
+_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_IDENTITY_FILES = ("config.json", "adapter_config.json")
+_SAMPLE = 1 << 16  # bytes read at each of _SAMPLES places of a large file
+_SAMPLES = 32
+
+
+def model_identity(name_or_path: str | os.PathLike) -> str:
+    """A content key of a model that is cheap for any size: ``sha256:...`` over, for each weights and
+    config file of a local folder (or a single file such as a GGUF), its name, its size and 32 evenly
+    spaced 64 KiB samples of its bytes (the whole file when smaller). Retraining or replacing the
+    weights changes it; copying or touching the folder does not. A Hub id (not a local path) is keyed by
+    its name: ``hub:ID``."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return f"hub:{name_or_path}"
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and (p.suffix in _IDENTITY_SUFFIXES or p.name in _IDENTITY_FILES)
+        )
+    )
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with file.open("rb") as handle:
+            if size <= _SAMPLE * _SAMPLES:
+                digest.update(handle.read())
+                continue
+            for i in range(_SAMPLES):
+                handle.seek((size - _SAMPLE) * i // (_SAMPLES - 1))
+                digest.update(handle.read(_SAMPLE))
+    return f"sha256:{digest.hexdigest()}"

@@ -21,7 +21,8 @@ layer ``i`` of the student being teacher layer ``round(i * (N - 1) / (K - 1))`` 
 K = 1 gives layer 0. For a single chosen layer write it with a comma: ``--layers 5,``.
 
 The output folder holds the model (safetensors), config, tokenizer and ``todi_init.json``, which records
-the teacher and the layers taken.
+the teacher and the layers taken. ``--overwrite`` replaces only a student folder this command wrote (it
+carries todi's marker, see :mod:`todi.outputs`); a folder of anything else is never written into.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ import copy
 import itertools
 import json
 import logging
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,11 +47,11 @@ from todi.errors import TodiError, UsageError
 from todi.models import (
     DTYPES,
     count_parameters,
-    export_model,
     load_causal_lm,
     load_tokenizer,
     resolve_model_path,
 )
+from todi.outputs import OutputFolder
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +93,9 @@ class Config:
         False, "initialise the smaller architecture randomly instead of copying teacher weights"
     )
     seed: int = _opt(0, "seed of the random initialisation (--random)")
-    overwrite: bool = _opt(False, "replace an existing, non-empty --out")
+    overwrite: bool = _opt(
+        False, "replace a student an earlier init-student wrote in --out (never a folder of anything else)"
+    )
     trust_remote_code: bool = _opt(False, "allow models whose code comes with their checkpoint")
 
 
@@ -247,11 +252,6 @@ def _check_options(config: Config) -> None:
         raise UsageError("--layers is required", "e.g. --layers 0,6,12 (indices) or --layers 6 (a count)")
     if config.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {config.dtype!r}", "use float32, bfloat16 or float16")
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file", "give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        raise UsageError(f"--out {out} exists and is not empty", "pass --overwrite to replace it")
 
 
 def _teacher_num_layers(path: str, source: str, trust_remote_code: bool) -> int:
@@ -287,13 +287,53 @@ def _weightless_teacher(path: str, trust_remote_code: bool) -> nn.Module:
     return teacher
 
 
+def _write_student(student: nn.Module, tokenizer: Any, folder: Path, record: dict[str, Any]) -> None:
+    """Save the student into ``folder``, the locked output folder (fresh, or empty but for todi's marker and
+    lock); ``todi_init.json`` comes last, so a folder that has it holds a whole student.
+
+    Not :func:`todi.models.export_model`: it renames a finished folder over ``folder``, which would drop the
+    marker and the lock. A failure deletes the files written here (nothing else was in the folder), so a
+    failed run leaves no half-written student behind, and an ``--overwrite`` run gets the old one back.
+    """
+    before = {entry.name for entry in folder.iterdir()}
+    try:
+        student.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        tmp = folder / f".tmp-{INIT_RECORD}"
+        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, folder / INIT_RECORD)
+    except BaseException:
+        for entry in folder.iterdir():
+            if entry.name not in before:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        raise
+
+
 def run(config: Config) -> None:
-    """Write the student ``config`` describes; every option is checked before any weights load."""
+    """Write the student ``config`` describes; every option is checked before any weights load, and --out
+    before the teacher is read (see :class:`todi.outputs.OutputFolder`)."""
     _check_options(config)
-    teacher_path = resolve_model_path(config.teacher)
-    out = Path(config.out)
-    if Path(teacher_path).is_dir() and out.resolve() == Path(teacher_path).resolve():
+    out, teacher = Path(config.out).expanduser(), Path(config.teacher).expanduser()
+    if teacher.is_dir() and out.resolve() == teacher.resolve():
         raise UsageError(f"--out {out} is the teacher's own folder", "write the student to another folder")
+    folder = OutputFolder(
+        out,
+        "init-student",
+        inputs={"--from": config.teacher},
+        overwrite=config.overwrite,
+        # A student is cheap to remake: a failed run never keeps a partial one over the old.
+        keep_on_failure=lambda _path: False,
+    )
+    with folder.claim():
+        _make(config, folder)
+    logger.info("wrote %s", out)
+
+
+def _make(config: Config, folder: OutputFolder) -> None:
+    teacher_path = resolve_model_path(config.teacher)
     num_layers = _teacher_num_layers(teacher_path, config.teacher, config.trust_remote_code)
     layers = parse_layers(config.layers, num_layers)
 
@@ -320,7 +360,9 @@ def run(config: Config) -> None:
         "student_parameters": student_total,
         "todi_version": __version__,
     }
-    export_model(student, tokenizer, out, extra_files={INIT_RECORD: json.dumps(record, indent=2) + "\n"})
+    # Everything has loaded: only now is an old student (--overwrite) set aside, deleted on success.
+    folder.replace_old()
+    _write_student(student, tokenizer, folder.path, record)
     logger.info(
         "%s student: %d of %d teacher layers (%s); %.1fM parameters vs the teacher's %.1fM (%.0f%%)",
         "random" if config.random else "layer-copied",
@@ -331,4 +373,3 @@ def run(config: Config) -> None:
         teacher_total / 1e6,
         100 * student_total / teacher_total,
     )
-    logger.info("wrote %s", out)

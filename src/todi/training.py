@@ -43,17 +43,18 @@ ends with the same weights as a run never stopped.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
 import os
 import random
 import resource
-import shutil
 import signal
 import sys
 import threading
@@ -78,18 +79,22 @@ from todi.checkpoint import (
 )
 from todi.data import supervised_positions
 from todi.divergences import DIVERGENCES, get_divergence
-from todi.errors import UsageError
+from todi.errors import NonFiniteError, Stopped, TodiError, UsageError
 from todi.losses.sparse import SparseTeacher
 from todi.models import (
     add_lora,
     causal_lm,
+    check_finite_parameters,
     count_parameters,
     export_model,
     freeze,
     load_causal_lm,
     load_tokenizer,
+    model_identity,
     resolve_dtype,
 )
+from todi.outputs import OutputFolder, read_marker
+from todi.report import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +112,11 @@ __all__ = [
 CONFIG_NAME = "config.yaml"
 RUN_INFO_NAME = "run_info.json"
 METRICS_NAME = "metrics.jsonl"
+SEGMENTS_NAME = "segments.jsonl"
+MIN_TEMPERATURE = 1e-2
+_MAX_SKIPS_IN_A_ROW = 10
 # Options whose change would make --resume continue a different run (another batch plan or other
-# parameter shapes); other options may change on resume (e.g. --max-steps to train longer).
+# parameter shapes): refused, even with --resume-changed.
 _LOCKED_ON_RESUME = (
     "data",
     "max_examples",
@@ -122,6 +130,33 @@ _LOCKED_ON_RESUME = (
     "lora_target",
     "model",
     "student",
+)
+# Options free to change on resume: how long to train, how the run is evaluated, logged, checkpointed
+# and how the loss is computed (not what it computes). Any other change needs --resume-changed.
+_FREE_ON_RESUME = frozenset(
+    {
+        "out",
+        "resume",
+        "resume_changed",
+        "overwrite",
+        "nan_policy",
+        "epochs",
+        "max_steps",
+        "dev",
+        "dev_max_examples",
+        "eval_every",
+        "eval_seeds",
+        "eval_max_new_tokens",
+        "eval_batch_size",
+        "save_every",
+        "save_best",
+        "keep_last",
+        "log_every",
+        "report_to",
+        "fused",
+        "chunk_size",
+        "compile",
+    }
 )
 
 
@@ -148,7 +183,21 @@ class TrainConfig:
         None, "dev data, scored during training (dev loss, dev ROUGE-L); a folder gives its dev.jsonl"
     )
     resume: bool = _opt(False, "continue the run in --out from its newest usable checkpoint")
-    overwrite: bool = _opt(False, "delete the run already in --out and start afresh")
+    resume_changed: bool = _opt(
+        False,
+        "with --resume: continue even though the teacher, student or data contents, the loss or its "
+        "parameters, or the optimisation options changed (each change is recorded in segments.jsonl)",
+    )
+    overwrite: bool = _opt(
+        False,
+        "replace the todi run in --out: it is set aside once the inputs have loaded and deleted when this "
+        "run succeeds (a folder without todi's marker is never deleted)",
+    )
+    nan_policy: Literal["stop", "skip"] = _opt(
+        "stop",
+        "a NaN/inf loss or gradient norm: stop (before any weights are written) or skip that update and "
+        "count it (stops anyway after 10 in a row)",
+    )
     # data
     template: str = _opt(
         "alpaca", "prompt template: alpaca, chat, none or a format string with {instruction}"
@@ -214,9 +263,17 @@ class TrainConfig:
     def teacher_path(self) -> str | None:
         return None
 
+    @property
+    def teacher_cache_path(self) -> str | None:
+        return None
+
     def loss_options(self) -> dict[str, Any]:
         """Keyword arguments of the objective (see :func:`todi.losses.causal_lm_distillation_loss`)."""
         return {"divergence": "fkl", "kd_rate": 0.0, "temperature": 1.0}
+
+    def inputs(self) -> dict[str, str | None]:
+        """The options naming what this run reads: --out may never be, or hold, one of them."""
+        return {"--data": self.data, "--dev": self.dev}
 
     def problems(self) -> list[str]:
         """Everything wrong with the options, for one error message."""
@@ -229,6 +286,12 @@ class TrainConfig:
         need(bool(self.data), "--data is required")
         need(bool(self.out), "--out is required")
         need(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+        need(not self.resume_changed or self.resume, "--resume-changed applies to --resume")
+        need(
+            self.dtype != "float16",
+            "--dtype float16 trains float16 weights without float32 master weights (updates underflow, "
+            "the loss overflows); use --dtype float32 with --mixed-precision fp16 on a GPU, or bfloat16",
+        )
         need(self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}")
         need(
             1 <= self.max_prompt_length < self.max_length,
@@ -254,9 +317,15 @@ class TrainConfig:
             need(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
         need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr], got {self.min_lr}")
-        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"--weight-decay must be a finite number >= 0, got {self.weight_decay}",
+        )
         need(self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
-        need(self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        need(
+            math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
+            f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}",
+        )
         need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         need(not self.keep_adapter or self.lora_r > 0, "--keep-adapter needs LoRA (--lora-r > 0)")
         try:
@@ -290,6 +359,9 @@ class SFTConfig(TrainConfig):
     @property
     def student_path(self) -> str:
         return self.model
+
+    def inputs(self) -> dict[str, str | None]:
+        return {"--model": self.model, **super().inputs()}
 
     def problems(self) -> list[str]:
         return (["--model is required"] if not self.model else []) + super().problems()
@@ -335,6 +407,19 @@ class DistillConfig(TrainConfig):
     def teacher_path(self) -> str | None:
         return self.teacher
 
+    @property
+    def teacher_cache_path(self) -> str | None:
+        return self.teacher_cache
+
+    def inputs(self) -> dict[str, str | None]:
+        return {
+            "--student": self.student,
+            "--teacher": self.teacher,
+            "--teacher-cache": self.teacher_cache,
+            "--teacher-lora": self.teacher_lora,
+            **super().inputs(),
+        }
+
     def divergence_params(self) -> dict[str, float]:
         return {
             name: getattr(self, name) for name in ("beta", "skew", "mu") if getattr(self, name) is not None
@@ -354,8 +439,9 @@ class DistillConfig(TrainConfig):
             out.append("--teacher-lora applies to --teacher; a cache already holds the teacher's outputs")
         if not 0.0 <= self.kd_rate <= 1.0:
             out.append(f"--kd-rate must be in [0, 1], got {self.kd_rate}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            out.append(f"--temperature must be > 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
+            # Below it softmax(z / T) is a hard argmax whose 1/T gradient scale overflows float32.
+            out.append(f"--temperature must be a finite number >= {MIN_TEMPERATURE}, got {self.temperature}")
         if self.loss not in DIVERGENCES:
             out.append(f"--loss: unknown divergence {self.loss!r} (choose one of {', '.join(DIVERGENCES)})")
         else:
@@ -654,6 +740,7 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum = int(signal.SIGINT)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequest:
@@ -664,8 +751,8 @@ class _StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Stopped(signum)
+        self.requested, self.signum = True, signum
         logger.warning(
             "%s received: stopping after this step with a checkpoint (send it again to abort at once)",
             signal.Signals(signum).name,
@@ -690,6 +777,12 @@ def _make_accelerator(config: TrainConfig) -> Any:
         mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
             "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
         )
+    if mixed == "fp16" and not cuda:
+        # accelerate would silently train in float32 on a CPU.
+        source = (
+            "--mixed-precision fp16" if config.mixed_precision == "fp16" else "the accelerate config's fp16"
+        )
+        raise UsageError(f"{source} needs a GPU; this machine has none", "use --mixed-precision no or bf16")
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=mixed,
@@ -720,53 +813,140 @@ def _drop_shared_tensor_warning(record: logging.LogRecord) -> bool:
     return "Removed shared tensor" not in record.getMessage()
 
 
-def _holds_run(run_dir: Path) -> bool:
-    return any(
-        (run_dir / name).exists() for name in (CONFIG_NAME, RUN_INFO_NAME, METRICS_NAME, "checkpoints")
-    )
+@contextmanager
+def _claimed(accelerator: Any, folder: OutputFolder) -> Iterator[None]:
+    """The main process holds the lock on --out for the whole run (see :mod:`todi.outputs`); the other
+    ranks learn whether it got it, so that none waits in a collective for a rank that gave up."""
+    with contextlib.ExitStack() as stack:
+        error: TodiError | None = None
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(folder.held())
+            except TodiError as err:
+                error = err
+        if any_rank(accelerator, error is not None):
+            raise error or TodiError(f"the main process could not lock {folder.path}", "see its error")
+        yield
 
 
-def _check_run_dir(run_dir: Path, config: TrainConfig, world_size: int) -> None:
-    """Refuse to clobber: read-only, so every rank can run it before the main one touches the folder."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir} is a file", "give a folder path")
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return
-    if not _holds_run(run_dir):
-        raise UsageError(
-            f"--out {run_dir} is not empty and holds no todi run; refusing to write into it",
-            "choose a new or empty folder",
-        )
-    if config.overwrite:
-        return
-    if not config.resume:
-        raise UsageError(
-            f"--out {run_dir} already holds a run",
-            "pass --resume to continue it, --overwrite to replace it, or choose another --out",
-        )
+def _run_identity(config: TrainConfig, train_set: Sequence[dict]) -> dict[str, str]:
+    """What the run's inputs hold (not just their names): a resumed run must continue on the same ones."""
+    identity = {"data": _data_digest(train_set), "student": model_identity(config.student_path)}
+    if config.teacher_path:
+        identity["teacher"] = model_identity(config.teacher_path)
+    lora = getattr(config, "teacher_lora", None)
+    if lora:
+        identity["teacher_lora"] = model_identity(lora)
+    if config.teacher_cache_path:
+        manifest = Path(config.teacher_cache_path) / "manifest.json"
+        identity["teacher_cache"] = "sha256:" + hashlib.sha256(manifest.read_bytes()).hexdigest()
+    return identity
+
+
+def _data_digest(encoded: Sequence[dict]) -> str:
+    """SHA-256 of the encoded training set (token ids and labels): the data as the model sees it, so a
+    file replaced at the same path, or another template, changes it."""
+    digest = hashlib.sha256()
+    for example in encoded:
+        for key in ("input_ids", "labels"):
+            digest.update(array.array("q", example[key]).tobytes())
+            digest.update(b";")
+    return "sha256:" + digest.hexdigest()
+
+
+def _recorded_options(config: TrainConfig) -> dict[str, Any]:
+    # How this invocation treated --out is not part of the run.
+    return {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in ("resume", "resume_changed", "overwrite")
+    }
+
+
+def _last_segment(run_dir: Path) -> dict[str, Any] | None:
+    """The options and identity the run in ``run_dir`` last trained with: its newest segment, or for a run
+    written before segments were recorded, config.yaml (options only)."""
+    segments = run_dir / SEGMENTS_NAME
+    if segments.is_file():
+        for line in reversed(segments.read_text(encoding="utf-8").splitlines()):
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("options"), dict):
+                    return record
     saved = run_dir / CONFIG_NAME
     if saved.is_file():
         import yaml
 
-        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-        new = dataclasses.asdict(config)
-        changed = [k for k in _LOCKED_ON_RESUME if k in old and k in new and old[k] != new[k]]
-        info = _read_json(run_dir / RUN_INFO_NAME)
-        per_step = info.get("micro_batches_per_step")
-        if per_step is not None and per_step != config.grad_accum * world_size:
-            changed.append(
-                f"grad_accum x processes ({per_step} before, {config.grad_accum * world_size} now)"
-            )
-        if changed:
+        options = yaml.safe_load(saved.read_text(encoding="utf-8"))
+        if isinstance(options, dict):
+            info = _read_json(run_dir / RUN_INFO_NAME)
+            return {
+                "options": options,
+                "command": info.get("command"),
+                "micro_batches_per_step": info.get("micro_batches_per_step"),
+            }
+    return None
+
+
+def _check_resume(
+    run_dir: Path, config: TrainConfig, world_size: int, identity: dict[str, str]
+) -> dict[str, list[Any]]:
+    """Refuse a --resume that would continue another run; return the changes it carries (option ->
+    [before, now]). Read-only, so every rank can run it before the main one writes anything."""
+    last = _last_segment(run_dir)
+    if last is None:
+        if list_checkpoints(run_dir):
             raise UsageError(
-                f"--resume: options that fix the data order or the model changed: {', '.join(changed)}",
-                f"resume with the options in {saved}, or start a new run",
+                f"--resume: {run_dir} holds checkpoints but no record of its options ({SEGMENTS_NAME} or "
+                f"{CONFIG_NAME})",
+                "start a new run in another --out",
             )
-        others = sorted(
-            k for k in new if k in old and old[k] != new[k] and k not in ("resume", "overwrite", "out")
+        return {}
+    old, new = last["options"], _recorded_options(config)
+    fixed = [
+        f"{k} ({old[k]!r} before, {new[k]!r} now)"
+        for k in _LOCKED_ON_RESUME
+        if k in old and k in new and old[k] != new[k]
+    ]
+    command = last.get("command") or read_marker(run_dir).get("command")
+    if command and command != config.command:
+        fixed.insert(0, f"the command (todi {command} before, todi {config.command} now)")
+    per_step = last.get("micro_batches_per_step")
+    if per_step is not None and per_step != config.grad_accum * world_size:
+        fixed.append(f"grad_accum x processes ({per_step} before, {config.grad_accum * world_size} now)")
+    if fixed:
+        raise UsageError(
+            f"--resume: options that fix the data order or the model changed: {', '.join(fixed)}",
+            f"resume with the options in {run_dir / CONFIG_NAME}, or start a new run",
         )
-        if others:
-            logger.warning("--resume with changed options: %s", ", ".join(others))
+    changes = {
+        k: [old[k], new[k]]
+        for k in new
+        if k in old and old[k] != new[k] and k not in _FREE_ON_RESUME and k not in _LOCKED_ON_RESUME
+    }
+    before = last.get("identity") or {}
+    for key, value in identity.items():
+        if key in before and before[key] != value:
+            changes[f"{key} contents"] = [before[key], value]
+    if not before:
+        logger.warning(
+            "--resume: %s was written by an older todi that did not record what its teacher, student and "
+            "data held; only the options are checked",
+            run_dir,
+        )
+    if changes and not config.resume_changed:
+        shown = "; ".join(
+            f"{k} (the files changed)" if k.endswith(" contents") else f"{k} {a!r} -> {b!r}"
+            for k, (a, b) in changes.items()
+        )
+        raise UsageError(
+            f"--resume would continue the run in {run_dir} with other inputs or settings: {shown}",
+            "resume with the run's own options (see its segments.jsonl / config.yaml), start a new run, or "
+            "pass --resume-changed to continue with these changes on purpose (they are recorded)",
+        )
+    if changes:
+        logger.warning("--resume-changed: continuing with changes: %s", ", ".join(changes))
+    return changes
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -777,23 +957,26 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _init_run_dir(run_dir: Path, config: TrainConfig, accelerator: Any) -> None:
-    """Main process: (re)create the folder and record the options and versions."""
+    """Main process: a new run records its options (config.yaml, reusable as --config) and versions; a
+    resumed one keeps them (each segment is appended to segments.jsonl instead)."""
+    import yaml
+
+    remove_stale(run_dir)
+    if (run_dir / CONFIG_NAME).is_file() and config.resume:
+        return
+    options = _recorded_options(config)
+    write_text_atomic(run_dir / CONFIG_NAME, yaml.safe_dump(options, sort_keys=False))
+    info = {"command": config.command, **_environment(accelerator, config)}
+    write_text_atomic(run_dir / RUN_INFO_NAME, json.dumps(info, indent=2) + "\n")
+
+
+def _environment(accelerator: Any, config: TrainConfig) -> dict[str, Any]:
     import accelerate
     import transformers
-    import yaml
 
     import todi
 
-    if config.overwrite and run_dir.exists():
-        logger.warning("--overwrite: deleting the run in %s", run_dir)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale(run_dir)
-    # Reusable as --config for a rerun: how this invocation treated --out is not part of the run.
-    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "overwrite")}
-    (run_dir / CONFIG_NAME).write_text(yaml.safe_dump(options, sort_keys=False), encoding="utf-8")
-    info = {
-        "command": config.command,
+    return {
         "versions": {
             "todi": todi.__version__,
             "torch": torch.__version__,
@@ -806,7 +989,62 @@ def _init_run_dir(run_dir: Path, config: TrainConfig, accelerator: Any) -> None:
         "mixed_precision": accelerator.mixed_precision,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (run_dir / RUN_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def _append_segment(
+    run_dir: Path,
+    config: TrainConfig,
+    accelerator: Any,
+    identity: dict[str, str],
+    changes: dict[str, list[Any]],
+    from_step: int,
+) -> None:
+    """One line per invocation that trained this run: its options, inputs' identity and what changed."""
+    record = {
+        "command": config.command,
+        "from_step": from_step,
+        **_environment(accelerator, config),
+        "options": _recorded_options(config),
+        "identity": identity,
+        "changed": changes,
+    }
+    with (run_dir / SEGMENTS_NAME).open("a", encoding="utf-8") as file:
+        file.write(json.dumps(record, default=str) + "\n")
+
+
+def _finite_step(accelerator: Any, step_sums: Tensor, grad_norm: Tensor | float | None) -> bool:
+    """Whether this step's loss (and gradient norm) are finite on every rank. Under fp16 loss scaling an
+    infinite gradient norm is the scaler's business (it skips the step and lowers the scale)."""
+    finite = torch.isfinite(step_sums[:3]).all()
+    if grad_norm is not None and getattr(accelerator, "scaler", None) is None:
+        finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=finite.device)).all()
+    return not any_rank(accelerator, not bool(finite))
+
+
+def _non_finite_error(
+    config: TrainConfig,
+    accelerator: Any,
+    state: TrainerState,
+    step_sums: Tensor,
+    grad_norm: Tensor | float | None,
+    run_dir: Path,
+) -> NonFiniteError:
+    loss = float(step_sums[0])
+    norm = "?" if grad_norm is None else f"{float(grad_norm):.4g}"
+    causes = []
+    if config.lr > 1e-2:
+        causes.append(f"--lr {config.lr:g} is far above the usual 1e-5..1e-3")
+    if accelerator.mixed_precision == "fp16":
+        causes.append("float16 overflow (use bf16, or float32)")
+    causes.append("NaN/inf in the data or in a model's outputs (a teacher in float16 overflows)")
+    saved = list_checkpoints(run_dir)
+    resume = f"--resume continues from {saved[-1].name}" if saved else "no checkpoint was written yet"
+    return NonFiniteError(
+        f"step {state.global_step + 1}: the loss is {loss:.4g} and the gradient norm {norm}; the update was "
+        "not applied, so no weights with NaN/inf were written",
+        f"likely causes: {'; '.join(causes)}. Fix it and rerun ({resume}), or pass --nan-policy skip to "
+        "skip such steps",
+    )
 
 
 def _load_data(config: TrainConfig, tokenizer: Any) -> tuple[list[dict], list[Any], list[dict]]:
@@ -974,17 +1212,29 @@ def _build_student(config: TrainConfig, dtype: torch.dtype) -> nn.Module:
 
 def train(config: TrainConfig) -> Path:
     """Run SFT (no teacher) or distillation; returns the folder of the final model (``OUT/final``)."""
+    # ---- 1. Everything that can refuse the run, before any weights load and before --out is touched.
+    config.check()
+    accelerator = _make_accelerator(config)
+    folder = OutputFolder(
+        config.out,
+        config.command,
+        inputs=config.inputs(),
+        overwrite=config.overwrite,
+        keep_on_failure=lambda path: bool(list_checkpoints(path)),
+    )
+    folder.check(reuse=config.resume)  # read-only: every rank may run it
+    with _claimed(accelerator, folder):
+        return _train(config, accelerator, folder)
+
+
+def _train(config: TrainConfig, accelerator: Any, folder: OutputFolder) -> Path:
     from accelerate.utils import set_seed
 
     from todi.data import DataCollator, check_tokenizers, ensure_pad_token, shared_vocab_size
     from todi.losses import causal_lm_distillation_loss
 
-    # ---- 1. Everything that can refuse the run, before any weights load and before --out is touched.
-    config.check()
-    accelerator = _make_accelerator(config)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    run_dir = Path(config.out)
-    _check_run_dir(run_dir, config, world)
+    run_dir = folder.path
     cache = None
     if getattr(config, "teacher_cache", None):
         from todi.cache import TeacherCache
@@ -1008,6 +1258,8 @@ def train(config: TrainConfig) -> Path:
             max_prompt_length=config.max_prompt_length,
             data=config.data,
         )
+    identity = _run_identity(config, train_set)
+    changes = _check_resume(run_dir, config, world, identity) if config.resume else {}
     lengths = [len(example["input_ids"]) for example in train_set]
     supervised = [supervised_positions(example) for example in train_set]
     micro_per_step = config.grad_accum * world
@@ -1026,14 +1278,10 @@ def train(config: TrainConfig) -> Path:
         )
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _init_run_dir(run_dir, config, accelerator)
-    accelerator.wait_for_everyone()
-
     # ---- 2. Models: the trained student (optionally LoRA) and the frozen teacher.
     set_seed(config.seed)  # LoRA initialisation and dropout; a resume restores the RNG states later
     student = _build_student(config, resolve_dtype(config.dtype, device))
+    check_finite_parameters(student, f"student {config.student_path}")
     trainable, total = count_parameters(student)
     logger.info(
         "student %s: %.1fM of %.1fM parameters trainable", config.student_path, trainable / 1e6, total / 1e6
@@ -1048,6 +1296,7 @@ def train(config: TrainConfig) -> Path:
                 trust_remote_code=config.trust_remote_code,
                 adapter=config.teacher_lora,
             )
+        check_finite_parameters(teacher, f"teacher {config.teacher_path}", "--teacher-dtype")
         teacher = freeze(teacher).to(device)
         heads = [m.get_output_embeddings().weight.shape[0] for m in (causal_lm(student), teacher)]
         vocab_size = shared_vocab_size(tokenizer, *heads)
@@ -1081,7 +1330,14 @@ def train(config: TrainConfig) -> Path:
             logger.warning("fused loss disabled: %s; computing the loss on materialised logits", reason)
             module.fused = False
 
-    # ---- 3. Resume: weights, optimizer, scheduler, RNG states and the data position.
+    # ---- 3. The inputs have loaded: only now may an old run in --out be set aside (--overwrite).
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        folder.replace_old()
+        _init_run_dir(run_dir, config, accelerator)
+    accelerator.wait_for_everyone()
+
+    # ---- 4. Resume: weights, optimizer, scheduler, RNG states and the data position.
     state = TrainerState()
     if config.resume:
         loaded = load_latest_checkpoint(accelerator, run_dir)
@@ -1090,6 +1346,15 @@ def train(config: TrainConfig) -> Path:
         else:
             state, path = loaded
             logger.info("resumed from %s (step %d, epoch %d)", path, state.global_step, state.epoch)
+            if state.global_step > total_steps:
+                raise UsageError(
+                    f"--resume: the run in {run_dir} is already at step {state.global_step}, past the "
+                    f"{total_steps} steps this command asks for",
+                    "raise --max-steps (or --epochs) to train longer; its final model is in "
+                    f"{run_dir / 'final'}",
+                )
+    if accelerator.is_main_process:
+        _append_segment(run_dir, config, accelerator, identity, changes, state.global_step)
 
     collate = DataCollator(pad_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
     # The loss is normalised by the supervised tokens of the whole global step (all micro-batches and
@@ -1100,6 +1365,7 @@ def train(config: TrainConfig) -> Path:
     # Per logging window: loss, ce, kd, ToDi weight x tokens, tokens with a ToDi weight.
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    skips_in_a_row = 0
     last_saved = state.global_step if list_checkpoints(run_dir) else -1
     grad_norm = torch.zeros(())
 
@@ -1110,7 +1376,7 @@ def train(config: TrainConfig) -> Path:
         if accelerator.is_main_process:
             rotate_checkpoints(run_dir, keep_last=config.keep_last, keep_best=config.save_best)
 
-    # ---- 4. The loop: one iteration = one optimizer step over `micro_per_step` micro-batches.
+    # ---- 5. The loop: one iteration = one optimizer step over `micro_per_step` micro-batches.
     model.train()
     try:
         with _StopRequest() as stop:
@@ -1120,6 +1386,7 @@ def train(config: TrainConfig) -> Path:
                     plan, plan_epoch = epoch_plan(lengths, epoch=state.epoch, **plan_options), state.epoch
                 step_micro = plan[state.step_in_epoch]
                 num_items = sum(supervised[i] for micro in step_micro for i in micro)
+                step_sums = torch.zeros_like(sums)
                 for micro in step_micro[rank::world]:
                     batch = {k: v.to(device) for k, v in collate([train_set[i] for i in micro]).items()}
                     rows = None if cache is None else cache.rows(micro).to(device)
@@ -1132,9 +1399,23 @@ def train(config: TrainConfig) -> Path:
                     if out.todi_weight is not None:
                         tokens = out.loss.new_tensor(float(out.num_tokens))
                         weighted = torch.stack([out.todi_weight.detach() * tokens, tokens])
-                    sums += torch.cat([torch.stack([out.loss.detach(), out.ce, out.kd]), weighted]).double()
+                    step_sums += torch.cat(
+                        [torch.stack([out.loss.detach(), out.ce, out.kd]), weighted]
+                    ).double()
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
+                if _finite_step(accelerator, step_sums, grad_norm):
+                    optimizer.step()
+                    sums += step_sums
+                    window_steps += 1
+                    skips_in_a_row = 0
+                else:
+                    # Nothing non-finite reaches the weights: stop here, or skip this update and count it.
+                    skips_in_a_row += 1
+                    error = _non_finite_error(config, accelerator, state, step_sums, grad_norm, run_dir)
+                    if config.nan_policy == "stop" or skips_in_a_row >= _MAX_SKIPS_IN_A_ROW:
+                        raise error
+                    state.extra["skipped_steps"] = state.extra.get("skipped_steps", 0) + 1
+                    logger.warning("%s; update skipped (--nan-policy skip)", error)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -1142,7 +1423,6 @@ def train(config: TrainConfig) -> Path:
                 state.global_step += 1
                 state.step_in_epoch += 1
                 state.tokens_seen += num_items
-                window_steps += 1
                 window_tokens += sum(lengths[i] for micro in step_micro for i in micro)
                 end_of_epoch = state.step_in_epoch == len(plan)
                 if end_of_epoch:
@@ -1153,18 +1433,21 @@ def train(config: TrainConfig) -> Path:
                 if state.global_step % config.log_every == 0 or done:
                     loss, ce, kd, weight, has_weight = _sum_over_ranks(accelerator, sums.tolist())
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    per_step = 1.0 / window_steps if window_steps else math.nan  # all skipped: NaN
                     record = {
                         "step": state.global_step,
                         "epoch": round(epoch_float, 4),
                         "lr": scheduler.get_last_lr()[0],
-                        "loss": loss / window_steps,
-                        "ce": ce / window_steps,
-                        "kd": kd / window_steps,
+                        "loss": loss * per_step,
+                        "ce": ce * per_step,
+                        "kd": kd * per_step,
                         "todi_weight": weight / has_weight if has_weight else None,
                         "grad_norm": float(grad_norm) if grad_norm is not None else None,
                         "tokens_per_s": window_tokens / elapsed,
                         "peak_mem": _peak_memory_mib(),
                     }
+                    if state.extra.get("skipped_steps"):
+                        record["skipped_steps"] = state.extra["skipped_steps"]
                     reporter.log(record)
                     sums.zero_()
                     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
@@ -1207,8 +1490,8 @@ def train(config: TrainConfig) -> Path:
                     reporter.write(
                         f"stopped at step {state.global_step}; checkpoint saved, continue with --resume"
                     )
-                    raise KeyboardInterrupt
-        # ---- 5. Export the final student as a plain Hugging Face folder.
+                    raise Stopped(stop.signum)
+        # ---- 6. Export the final student as a plain Hugging Face folder.
         if last_saved != state.global_step:
             checkpoint()
         final = run_dir / "final"

@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from todi.divergences import Divergence, check_vocab, get_divergence, masked_log_probs, todi_weight
+from todi.divergences import (
+    Divergence,
+    check_teacher_logits,
+    check_vocab,
+    get_divergence,
+    masked_log_probs,
+    todi_weight,
+)
 from todi.losses.objective import LossOutput, check_objective, normaliser
 from todi.losses.sparse import SparseTeacher, check_sparse_rows, dense_teacher_log_probs
 
@@ -290,6 +297,8 @@ class _FusedLinearDistillation(torch.autograd.Function):
             teacher: Tensor | tuple[Tensor, Tensor] | None = None
             if teacher_hidden is not None:
                 teacher = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias).float()
+                if safe:  # finite inputs cannot give NaN logits; only the masked path needs the check
+                    check_teacher_logits(teacher)
             elif teacher_ids is not None and objective.dense_tail:
                 # The spread distribution's log-probs at T as dense teacher rows: the dense kernel.
                 samples = None if teacher_samples is None else teacher_samples[rows]
