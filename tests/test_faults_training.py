@@ -377,16 +377,34 @@ def test_a_malformed_trainer_state_falls_back_to_the_previous_checkpoint(run2, w
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "failure",
-    [
-        OSError(errno.ENOSPC, "No space left on device"),
+def _safetensor_error(text: str) -> Exception:
+    from safetensors import SafetensorError
+
+    return SafetensorError(text)
+
+
+FULL_DISK = {  # how each writer reports a failed write -> what the error must say
+    "oserror": (OSError(errno.ENOSPC, "No space left on device"), "the disk is full"),
+    "torch": (
         RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4416 vs 4306"),
-    ],
-)
+        "the write failed (a full disk or a file size limit)",
+    ),
+    "safetensors": (
+        _safetensor_error("Error while serializing: I/O error: No space left on device (os error 28)"),
+        "the disk is full",
+    ),
+    "ulimit": (
+        _safetensor_error("Error while serializing: I/O error: File too large (os error 27)"),
+        "a file size limit was reached",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FULL_DISK))
 def test_a_full_disk_gives_an_error_that_says_so_and_keeps_older_checkpoints(
-    tmp_path, w, monkeypatch, capsys, failure
+    tmp_path, w, monkeypatch, capsys, case
 ):
+    failure, cause = FULL_DISK[case]
     import accelerate
 
     real, calls = accelerate.Accelerator.save_state, []
@@ -403,10 +421,30 @@ def test_a_full_disk_gives_an_error_that_says_so_and_keeps_older_checkpoints(
     out = tmp_path / "run"
     assert run_todi(*base(w, out, "--save-every", 1)) == 1
     err = capsys.readouterr().err
-    assert "could not write checkpoint step-00000002" in err and "the disk is full" in err, err
+    assert "could not write checkpoint step-00000002" in err and cause in err, err
+    assert "Traceback" not in err
     assert [p.name for p in list_checkpoints(out)] == ["step-00000001"]
     assert verify_checkpoint(list_checkpoints(out)[0]) is None
     assert not list((out / "checkpoints").glob(".tmp-*")), "the partial checkpoint is removed"
+
+
+def test_a_full_disk_while_exporting_the_final_model_names_it_and_leaves_no_partial_folder(
+    tmp_path, w, monkeypatch, capsys
+):
+    from transformers import PreTrainedModel
+
+    def save_pretrained(self, folder, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"x" * 10)
+        raise _safetensor_error("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_pretrained)
+    out = tmp_path / "run"
+    assert run_todi(*base(w, out)) == 1
+    err = capsys.readouterr().err
+    assert f"could not write the model to {out / 'final'}: the disk is full" in err, err
+    assert not (out / "final").exists() and not (out / ".tmp-final").exists()
+    assert list_checkpoints(out), "the last checkpoint was written before the export"
 
 
 def test_out_dot_is_the_current_folder(tmp_path, w, monkeypatch):

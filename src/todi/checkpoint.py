@@ -190,11 +190,11 @@ def save_checkpoint(accelerator: Any, run_dir: str | os.PathLike, state: Trainer
         shutil.rmtree(tmp, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    with write_errors(tmp, f"checkpoint {final.name}", cleanup=True):
+    with write_errors(tmp, f"checkpoint {final.name}", cleanup=tmp):
         accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with write_errors(tmp, f"checkpoint {final.name}", cleanup=True):
+        with write_errors(tmp, f"checkpoint {final.name}", cleanup=tmp):
             _write_synced(tmp / MANIFEST_NAME, json.dumps(_manifest(tmp), indent=1, sort_keys=True))
             # The state file goes last: a folder holding it was written completely.
             _write_synced(tmp / STATE_NAME, state.to_json())
@@ -207,31 +207,45 @@ def save_checkpoint(accelerator: Any, run_dir: str | os.PathLike, state: Trainer
 
 
 @contextlib.contextmanager
-def write_errors(path: Path, what: str, *, cleanup: bool = False) -> Iterator[None]:
-    """Turn a failed write (a full disk, a quota, a read-only mount) into an error that names the file and
-    says what survived; torch reports a full disk as an obscure ``inline_container.cc`` RuntimeError."""
+def write_errors(path: Path, what: str, *, cleanup: Path | None = None) -> Iterator[None]:
+    """Turn a failed write (a full disk, a file size limit, a quota, a read-only mount) into an error that
+    names the file and says what survived; ``cleanup`` (a partial folder) is removed first. torch reports a
+    full disk as an obscure ``inline_container.cc`` RuntimeError, safetensors as its own SafetensorError."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except (OSError, RuntimeError) as err:
-        text = str(err)
-        full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
-            s in text for s in ("No space left", "file write failed", "unexpected pos", "Disk quota")
-        )
-        if not full and not isinstance(err, OSError):
+    except (OSError, RuntimeError, SafetensorError) as err:
+        text, code = str(err), getattr(err, "errno", None)
+        if code in (errno.ENOSPC, errno.EDQUOT) or any(
+            s in text for s in ("No space left", "os error 28", "quota")
+        ):
+            cause = "the disk is full"
+        elif code == errno.EFBIG or any(s in text for s in ("File too large", "os error 27")):
+            cause = "a file size limit was reached (ulimit -f)"
+        elif any(s in text for s in ("file write failed", "unexpected pos")):
+            cause = "the write failed (a full disk or a file size limit)"
+        elif isinstance(err, OSError):
+            cause = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+        else:
             raise
-        if cleanup:
-            shutil.rmtree(path, ignore_errors=True)
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
         try:
-            free = f"{shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free / 2**20:.0f} MiB free"
+            free = f"{shutil.disk_usage(_existing_parent(path)).free / 2**20:.0f} MiB free"
         except OSError:
             free = "free space unknown"
-        cause = (
-            "the disk is full" if full else f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-        )
         raise TodiError(
             f"could not write {what} to {path}: {cause} ({free})",
             "earlier checkpoints and exports are intact; free space (or fix the folder) and rerun with --resume",
         ) from err
+
+
+def _existing_parent(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path.cwd()
 
 
 def verify_checkpoint(path: Path) -> str | None:

@@ -362,6 +362,8 @@ def export_model(
     ``extra_files`` (file name -> text) are written into the folder before it appears, so a record of
     how the model was made never goes missing from it.
     """
+    from todi.checkpoint import write_errors
+
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -369,10 +371,11 @@ def export_model(
         if state_dict is not None:
             raise ValueError("merging LoRA needs the module's own weights; load state_dict into it first")
         model = (copy.deepcopy(model) if copy_before_merge else model).merge_and_unload()
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text, encoding="utf-8")
+    with write_errors(path, "the model", cleanup=tmp):
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
