@@ -17,6 +17,22 @@ def one_intra_op_thread():
 
 
 @pytest.fixture
+def no_compile_override(monkeypatch):
+    """TODI_COMPILE unset: it would override the compile argument, and these tests choose the path explicitly."""
+    monkeypatch.delenv("TODI_COMPILE", raising=False)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    """The GPT-2 tokenizer from the shared folder (tiny.gpt2_tokenizer); skips the test where it is missing."""
+    import tiny
+
+    if not (tiny.GPT2_DIR / "tokenizer.json").is_file():
+        pytest.skip(f"GPT-2 tokenizer not found at {tiny.GPT2_DIR} (set TODI_DATA)")
+    return tiny.gpt2_tokenizer()
+
+
+@pytest.fixture
 def fresh_accelerate_state(monkeypatch):
     """accelerate keeps process-wide singletons; each in-process run must start from a clean slate (and
     without torch.compile of the fused loss, which costs more than it saves on tiny runs)."""

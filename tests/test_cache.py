@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import sparse_problem
 from tiny import GPT2_DIR, TINY
 from tiny import gpt2_tokenizer as _tokenizer
 from tiny import save_llama as _save_llama
@@ -30,16 +31,6 @@ def _no_compile(monkeypatch):
     monkeypatch.setenv("TODI_COMPILE", "0")
 
 
-def _problem(n: int = 23, v: int = 37, h: int = 8, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
-    weight = torch.randn(v, h, generator=g, dtype=torch.float64)
-    teacher = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
-    labels = torch.randint(0, v, (n,), generator=g)
-    labels[[0, 4, 9]] = -100
-    return hidden, weight, teacher, labels
-
-
 def _bucketed(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """float64 reference: the tempered distribution over the k ids plus one bucket for the rest."""
     p = torch.softmax(logits.double() / temperature, dim=-1)
@@ -51,7 +42,7 @@ def _bucketed(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> to
 
 
 def test_from_logits_matches_float64_top_k_and_tail():
-    _, _, teacher, _ = _problem()
+    _, _, teacher, _ = sparse_problem()
     sparse = SparseTeacher.from_logits(teacher.float(), 5, (2.0, 3.0))
     p = torch.softmax(teacher, -1)
     top, ids = p.topk(5, dim=-1)
@@ -70,7 +61,7 @@ def test_from_logits_matches_float64_top_k_and_tail():
 
 
 def test_untabled_temperature_spreads_the_tail_evenly(caplog):
-    _, _, teacher, _ = _problem(v=50)
+    _, _, teacher, _ = sparse_problem(vocab=50)
     sparse = SparseTeacher.from_logits(teacher.float(), 10, ())
     with caplog.at_level("WARNING"):
         bucket = sparse.bucket_log_probs(4.0).double().exp()
@@ -84,7 +75,7 @@ def test_untabled_temperature_spreads_the_tail_evenly(caplog):
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 def test_k_equal_vocab_is_the_online_loss_value_and_gradient(name):
-    hidden, weight, teacher, labels = _problem()
+    hidden, weight, teacher, labels = sparse_problem()
     keep = labels != -100
     logits = (hidden @ weight.T).float().requires_grad_()
     online = distillation_loss(logits, teacher.float(), labels, divergence=name)
@@ -118,7 +109,7 @@ def _reference(name: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["fkl", "rkl", "tvd", "todi"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_bucket_loss_matches_float64_reference(name, temperature):
-    hidden, weight, teacher, labels = _problem()
+    hidden, weight, teacher, labels = sparse_problem()
     keep = labels != -100
     sparse = SparseTeacher.from_logits(teacher[keep].float(), 6, (2.0,))
     logits = hidden @ weight.T
@@ -134,7 +125,7 @@ def test_bucket_loss_matches_float64_reference(name, temperature):
     "name", ["fkl", "js", "tvd", "srkl"]
 )  # no stop-gradient inside (unlike ToDi's alpha)
 def test_bucket_gradient_matches_finite_differences(name):
-    hidden, weight, teacher, labels = _problem(n=10, v=12)
+    hidden, weight, teacher, labels = sparse_problem(n=10, vocab=12)
     keep = labels != -100
     sparse = SparseTeacher.from_logits(teacher[keep].float(), 3, (2.0,))
     sparse64 = sparse.apply(lambda t: t.double() if t.is_floating_point() else t)
@@ -160,7 +151,7 @@ def test_bucket_gradient_matches_finite_differences(name):
 def test_fused_sparse_path_equals_materialised(name, k, mode):
     """The fused kernels (the bucket's hand-written chain rule, the dense one for a spread tail) against
     autograd through the materialised loss; with k = V (nothing in the tail) both equal the online loss."""
-    hidden, weight, teacher, labels = _problem(n=40, v=31)
+    hidden, weight, teacher, labels = sparse_problem(n=40, vocab=31)
     keep = labels != -100
     g = torch.Generator().manual_seed(0)
     sparse = SparseTeacher.from_logits(teacher[keep].float(), k, (2.0,), tail_samples=5, generator=g)
@@ -185,7 +176,7 @@ def test_fused_sparse_path_equals_materialised(name, k, mode):
 
 @pytest.mark.parametrize("mode", ["bucket", "uniform", "sampled"])
 def test_underflowed_tail_gives_finite_gradients(mode):
-    hidden, weight, teacher, labels = _problem(n=12, v=20)
+    hidden, weight, teacher, labels = sparse_problem(n=12, vocab=20)
     keep = labels != -100
     sparse = SparseTeacher.from_logits(teacher[keep].float(), 5, (2.0,), tail_samples=4)
     sparse.tail_mode = mode
@@ -203,7 +194,7 @@ def test_underflowed_tail_gives_finite_gradients(mode):
 
 
 def test_row_count_mismatch_is_refused():
-    hidden, weight, teacher, labels = _problem()
+    hidden, weight, teacher, labels = sparse_problem()
     sparse = SparseTeacher.from_logits(teacher[:5].float(), 4)
     with pytest.raises(ValueError, match="5 rows but the batch has 20 supervised positions"):
         sparse_distillation_loss(hidden @ weight.T, sparse, labels)
@@ -367,7 +358,7 @@ def test_sparse_kernel_compiles(monkeypatch):
     from todi.losses import fused as fused_mod
 
     monkeypatch.delenv("TODI_COMPILE", raising=False)
-    hidden, weight, teacher, labels = _problem(n=64, v=40)
+    hidden, weight, teacher, labels = sparse_problem(n=64, vocab=40)
     keep = labels != -100
     sparse = SparseTeacher.from_logits(teacher[keep].float(), 6, (2.0,))
     h = hidden.float().requires_grad_()
@@ -390,7 +381,7 @@ def test_sparse_kernel_compiles(monkeypatch):
 @pytest.mark.parametrize("name", ["fkl", "rkl", "tvd", "todi"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_uniform_tail_matches_float64_reference(name, temperature):
-    hidden, weight, teacher, labels = _problem()
+    hidden, weight, teacher, labels = sparse_problem()
     keep = labels != -100
     k, v = 6, teacher.shape[1]
     sparse = SparseTeacher.from_logits(teacher[keep].float(), k, (2.0,))
@@ -451,7 +442,7 @@ def test_tail_draws_are_shared_by_tail_mass_and_systematic():
     """M x N draws shared among the rows in proportion to their tail mass at T (largest remainders), and
     within a row systematic: a token holding a share w of the tail is drawn floor(m w) or ceil(m w)
     times. float64 reference."""
-    teacher = _problem(v=40)[2][:6].clone()
+    teacher = sparse_problem(vocab=40)[2][:6].clone()
     teacher[0, 3] += 40  # nearly all of row 0's mass in its top k: its share of the draws rounds to 0
     m, k, rows = 24, 6, 6
     sparse = SparseTeacher.from_logits(
@@ -479,7 +470,7 @@ def test_sampled_teacher_is_unbiased_up_to_the_floor():
     even spread: what makes FKL's gradient right on average. float64 reference; 20,000 draws of m = 4."""
     from todi.losses.sparse import TAIL_FLOOR, dense_teacher_log_probs
 
-    teacher = _problem(v=30)[2][:1]
+    teacher = sparse_problem(vocab=30)[2][:1]
     draws, k, v = 20_000, 5, 30
     sparse = SparseTeacher.from_logits(
         teacher.float().expand(draws, -1),
@@ -502,7 +493,7 @@ def test_sampled_teacher_is_unbiased_up_to_the_floor():
 @pytest.mark.parametrize("name", ["fkl", "rkl", "tvd", "todi"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_sampled_tail_matches_float64_reference(name, temperature):
-    hidden, weight, teacher, labels = _problem()
+    hidden, weight, teacher, labels = sparse_problem()
     keep = labels != -100
     sparse = SparseTeacher.from_logits(
         teacher[keep].float(), 6, (temperature,), tail_samples=8, generator=torch.Generator().manual_seed(3)
@@ -518,7 +509,7 @@ def test_sampled_tail_matches_float64_reference(name, temperature):
 
 
 def test_sampled_tail_without_samples_at_the_temperature_spreads_evenly(caplog):
-    hidden, weight, teacher, labels = _problem()
+    hidden, weight, teacher, labels = sparse_problem()
     keep = labels != -100
     sparse = SparseTeacher.from_logits(teacher[keep].float(), 6, (2.0, 3.0), tail_samples=8)
     sparse.tail_samples.pop(3.0)

@@ -21,27 +21,15 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from helpers import IGNORE, assert_rel
 from tiny import llama_config
 from todi.losses import causal_lm_distillation_loss, distillation_loss
 
-IGNORE = -100
 RTOL = 1e-5
 MODEL_VOCAB = 101  # rows of every head here
 TOKENIZER_VOCAB = 97  # for the vocab_size slicing tests: heads padded beyond the tokenizer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models here are tiny: thread hand-offs cost more than the matmuls on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _no_compile_override(monkeypatch):
-    monkeypatch.delenv("TODI_COMPILE", raising=False)
+# Tiny models: one intra-op thread; TODI_COMPILE unset, as the tests choose the compile path explicitly.
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread", "no_compile_override")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,14 +128,6 @@ def run(fn, model: nn.Module):
     return out, grads
 
 
-def assert_rel(actual, expected, rtol: float = RTOL, name: str = "") -> None:
-    a, e = torch.as_tensor(actual).detach().double(), torch.as_tensor(expected).detach().double()
-    assert a.shape == e.shape, (name, a.shape, e.shape)
-    assert torch.isfinite(a).all(), f"{name}: non-finite"
-    err, scale = float((a - e).norm()), float(e.norm())
-    assert err <= rtol * scale + 1e-12, f"{name}: |diff| = {err:.3e}, |ref| = {scale:.3e}"
-
-
 def assert_same(out, grads, ref, ref_grads, rtol: float = RTOL) -> None:
     assert out.num_tokens == ref.num_tokens
     assert_rel(out.loss, ref.loss, rtol, "loss")
@@ -220,7 +200,7 @@ def test_vocab_slicing_ignores_extra_head_rows():
             model.lm_head.weight[TOKENIZER_VOCAB:] *= 50.0
     after = causal_lm_distillation_loss(student, teacher, batch, **kwargs)
     unsliced = causal_lm_distillation_loss(student, teacher, batch, chunk_size=5, compile=False)
-    assert_rel(after.loss, before.loss)
+    assert_rel(after.loss, before.loss, RTOL)
     assert abs(unsliced.loss.item() - after.loss.item()) > 0.1 * after.loss.item()
 
 
@@ -285,9 +265,9 @@ def test_gradient_accumulation_over_micro_batches(fused):
         parts.append(out)
     accumulated = student_grads(student)
     assert parts[0].num_tokens + parts[1].num_tokens == total == full.num_tokens
-    assert_rel(parts[0].loss + parts[1].loss, full.loss)
+    assert_rel(parts[0].loss + parts[1].loss, full.loss, RTOL)
     for name, expected in full_grads.items():
-        assert_rel(accumulated[name], expected, name=name)
+        assert_rel(accumulated[name], expected, RTOL, name)
 
 
 def test_eval_under_no_grad():
@@ -297,8 +277,8 @@ def test_eval_under_no_grad():
         ref = independent_loss(student, teacher, batch)
         out = causal_lm_distillation_loss(student, teacher, batch, chunk_size=4, compile=False)
     assert not out.loss.requires_grad
-    assert_rel(out.loss, ref.loss)
-    assert_rel(out.kd, ref.kd)
+    assert_rel(out.loss, ref.loss, RTOL)
+    assert_rel(out.kd, ref.kd, RTOL)
     assert all(p.grad is None for p in student.parameters())
 
 
@@ -327,11 +307,11 @@ def test_sft_without_teacher_is_cross_entropy(pair, fused):
         lambda: causal_lm_distillation_loss(student, None, batch, kd_rate=0.0, **kwargs), student
     )
     assert out.num_tokens == num_supervised(batch)
-    assert_rel(out.loss, ce, name="loss")
-    assert_rel(out.ce, ce, name="ce")
+    assert_rel(out.loss, ce, RTOL, "loss")
+    assert_rel(out.ce, ce, RTOL, "ce")
     assert float(out.kd) == 0.0 and out.todi_weight is None
     for name, expected in ref_grads.items():
-        assert_rel(grads[name], expected, name=name)
+        assert_rel(grads[name], expected, RTOL, name)
 
 
 def test_teacher_none_needs_kd_rate_zero():

@@ -21,6 +21,16 @@ import pytest
 import torch
 
 import todi.losses.fused as fused_mod
+from helpers import (
+    IGNORE,
+    PARAMS,
+    STUDENT,
+    TEACHER,
+    assert_rel,
+    make_inputs,
+    materialised_logits,
+    sparse_problem,
+)
 from todi.divergences import DIVERGENCES
 from todi.losses import (
     SparseTeacher,
@@ -33,23 +43,19 @@ DEVICE = "cuda"
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("no_compile_override"),  # the tests choose the compile path explicitly
 ]
 
-IGNORE = -100
 RTOL = 2e-5  # float32 on the device vs float64
 # bf16 inputs: against float64 on the same bf16 values, the logits' own bf16 rounding dominates (measured
 # ~1e-5 on the loss, ~2.5e-3 on the bf16 gradients); against float64 math on the bf16-rounded logits the
 # float32 softmax agrees to ~1e-7, while bf16 softmax math would be off by >= 4e-4.
 BF16_LOSS_RTOL, BF16_GRAD_RTOL, BF16_LOGIT_RTOL = 1e-3, 2e-2, 5e-5
-PARAMS = {"todi": {"beta": 2.0}, "skl": {"skew": 0.2}, "srkl": {"skew": 0.2}, "akl": {"mu": 0.3}}
-STUDENT = ("student_hidden", "student_weight", "student_bias")
-TEACHER = ("teacher_hidden", "teacher_weight", "teacher_bias")
 
 
 @pytest.fixture(autouse=True)
-def _full_float32_matmuls(monkeypatch):
-    """TF32 matmuls would dominate the float32 error; the tests choose the compile path explicitly."""
-    monkeypatch.delenv("TODI_COMPILE", raising=False)
+def _full_float32_matmuls():
+    """TF32 matmuls would dominate the float32 error."""
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
@@ -59,41 +65,6 @@ def _full_float32_matmuls(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def assert_rel(actual, expected, rtol: float, name: str = "") -> None:
-    """Norm-relative error <= rtol, comparing on the CPU in float64; actual must be finite."""
-    actual = torch.as_tensor(actual).detach().cpu().double()
-    expected = torch.as_tensor(expected).detach().cpu().double()
-    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    err, scale = float((actual - expected).norm()), float(expected.norm())
-    assert err <= rtol * scale + 1e-12, (
-        f"{name}: |diff| = {err:.3e}, |ref| = {scale:.3e}, rel = {err / max(scale, 1e-30):.3e} > {rtol:.1e}"
-    )
-
-
-def make_inputs(
-    n: int, h_s: int, h_t: int, vocab: int, num_ignored: int, seed: int, bias: bool = True
-) -> dict[str, torch.Tensor | None]:
-    """float64 CPU master copies of the student / teacher hidden states and heads, and labels."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
-
-    inputs: dict[str, torch.Tensor | None] = {
-        "student_hidden": randn(n, h_s),
-        "student_weight": randn(vocab, h_s, scale=1.5 / math.sqrt(h_s)),
-        "student_bias": randn(vocab, scale=0.5) if bias else None,
-        "teacher_hidden": randn(n, h_t),
-        "teacher_weight": randn(vocab, h_t, scale=2.0 / math.sqrt(h_t)),
-        "teacher_bias": randn(vocab, scale=0.5) if bias else None,
-    }
-    labels = torch.randint(0, vocab, (n,), generator=g)
-    labels[torch.randperm(n, generator=g)[:num_ignored]] = IGNORE
-    inputs["labels"] = labels
-    return inputs
 
 
 def cast(inputs: dict, dtype: torch.dtype, device: str) -> dict:
@@ -112,13 +83,7 @@ def cast(inputs: dict, dtype: torch.dtype, device: str) -> dict:
 def reference(inputs: dict, **kwargs) -> tuple:
     """float64 CPU: distillation_loss on the materialised logits, autograd gradients of the student."""
     leaves = cast(inputs, torch.float64, "cpu")
-    student = leaves["student_hidden"] @ leaves["student_weight"].T
-    if leaves["student_bias"] is not None:
-        student = student + leaves["student_bias"]
-    with torch.no_grad():
-        teacher = leaves["teacher_hidden"] @ leaves["teacher_weight"].T
-        if leaves["teacher_bias"] is not None:
-            teacher = teacher + leaves["teacher_bias"]
+    student, teacher = materialised_logits(leaves)
     out = distillation_loss(student, teacher, leaves["labels"], **kwargs)
     out.loss.backward()
     return out, {k: leaves[k].grad for k in STUDENT if leaves[k] is not None}
@@ -157,12 +122,12 @@ def assert_matches(out, ref, grads, ref_grads, device: str, rtol: float, grad_rt
 
 
 # (n, ignored): 170 supervised rows in chunks of 32 = 5 full chunks (compiled when compile=True) + 10 rows
-DENSE = dict(n=200, h_s=64, h_t=96, vocab=1000, num_ignored=30)
+DENSE = dict(n=200, h_s=64, h_t=96, vocab=1000, num_ignored=30, student_bias=True, teacher_bias=True)
 DENSE_CHUNK = 32
 
 
 def check_dense_float32(name: str, compile: bool, device: str = DEVICE) -> None:
-    inputs = make_inputs(**DENSE, seed=DIVERGENCES.index(name))
+    inputs = make_inputs(**DENSE, seed=DIVERGENCES.index(name), dtype=torch.float64)  # CPU master copies
     kwargs = dict(divergence=name, kd_rate=0.5, temperature=2.0, **PARAMS.get(name, {}))
     ref, ref_grads = reference(inputs, **kwargs)
     out, grads = fused(inputs, torch.float32, device, chunk_size=DENSE_CHUNK, compile=compile, **kwargs)
@@ -183,7 +148,7 @@ def bf16_rounded(inputs: dict) -> dict:
 
 def check_fused_bf16(name: str, masked: bool, device: str = DEVICE) -> None:
     """bf16 hidden states and heads: float32 softmax math on the bf16 logits."""
-    inputs = bf16_rounded(make_inputs(**DENSE, seed=100 + DIVERGENCES.index(name)))
+    inputs = bf16_rounded(make_inputs(**DENSE, seed=100 + DIVERGENCES.index(name), dtype=torch.float64))
     if masked:  # masked vocabulary items: -inf and +inf teacher logits in whole columns
         inputs["teacher_bias"][[3, 500, 998]] = -math.inf
         inputs["teacher_bias"][[41]] = math.inf
@@ -238,21 +203,12 @@ def check_dense_loss_bf16_non_finite(name: str, device: str = DEVICE) -> None:
     assert_rel(s.grad, s64.grad, BF16_GRAD_RTOL, "grad of the student logits")
 
 
-def sparse_problem(seed: int) -> tuple:
-    """As in tests/test_cache.py: float64 hidden states, head and teacher logits."""
-    n, vocab, hidden = 120, 257, 16
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, hidden, generator=g, dtype=torch.float64)
-    w = torch.randn(vocab, hidden, generator=g, dtype=torch.float64)
-    teacher = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 3
-    labels = torch.randint(0, vocab, (n,), generator=g)
-    labels[[0, 4, 9, 50, 51]] = IGNORE
-    return h, w, teacher, labels
+SPARSE = dict(n=120, vocab=257, hidden=16, ignored=(0, 4, 9, 50, 51))  # sparse_problem's shape here
 
 
 def check_sparse(name: str, mode: str, k: int | None, compile: bool, device: str = DEVICE) -> None:
     """The fused sparse-teacher path vs the materialised sparse loss in float64 (same stored teacher)."""
-    h, w, teacher, labels = sparse_problem(300 + DIVERGENCES.index(name))
+    h, w, teacher, labels = sparse_problem(**SPARSE, seed=300 + DIVERGENCES.index(name))
     keep = labels != IGNORE
     k = k or teacher.shape[1]
     g = torch.Generator().manual_seed(0)
@@ -336,7 +292,7 @@ def test_fused_sparse_teacher_eager_matches_float64(name, mode, k):
 def check_gpu_draws(device: str) -> None:
     """Identical rows get m draws each, independent across rows: their pooled frequencies must match the
     float64 tempered tail (5 binomial standard deviations)."""
-    teacher = sparse_problem(7)[2][:1]
+    teacher = sparse_problem(**SPARSE, seed=7)[2][:1]
     rows, m = 5000, 8
     g = torch.Generator(device).manual_seed(1)
     logits = teacher.float().to(device).expand(rows, -1)

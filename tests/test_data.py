@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from tiny import DATA
 from todi.data import (
     TEMPLATES,
     DataCollator,
@@ -38,10 +38,6 @@ from todi.data import (
     shared_vocab_size,
 )
 from todi.errors import TodiError
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TODI_DATA", REPO.parent / "shared" / "data"))
-GPT2_DIR = DATA.parent / "tokenizers" / "gpt2"
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "Q", ":", "A", "hello", "world", "good", "bye"]
 WORDS += ["one", "two", "three", "four", "five", "[", "user", "]", "assistant"]
@@ -71,18 +67,6 @@ def tok():
 @pytest.fixture
 def bos_tok():
     return make_tokenizer(adds_bos=True)
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    if not (GPT2_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"GPT-2 tokenizer not found at {GPT2_DIR} (set TODI_DATA)")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(GPT2_DIR)
-    # The shared folder has no tokenizer_config.json, so the special tokens must be named here.
-    tokenizer.eos_token = tokenizer.bos_token = "<|endoftext|>"
-    return tokenizer
 
 
 def hello(references=("good bye",), **kw) -> Example:

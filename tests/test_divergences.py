@@ -23,6 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import ref_log_softmax, ref_todi_share, sigmoid
 from todi.divergences import DIVERGENCES, divergence, todi_weight
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -51,12 +52,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 # ----------------------------------------------------------------------------------------------------------
 # float64 numpy references, written from the spec
 # ----------------------------------------------------------------------------------------------------------
-
-
-def ref_log_softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    m = z.max(axis=-1, keepdims=True)
-    return z - (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))
+# (ref_log_softmax, sigmoid and ref_todi_share are in helpers.py)
 
 
 def xlogy_ratio(x: np.ndarray, log_x: np.ndarray, log_y: np.ndarray) -> np.ndarray:
@@ -89,10 +85,6 @@ def akl_boundary_margin(p: np.ndarray, mu: float) -> float:
     """Distance of the ascending cumulative teacher mass from mu (small = head/tail split is ambiguous)."""
     cumulative = np.cumsum(np.sort(p))
     return float(np.abs(cumulative - mu).min())
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|
 
 
 def ref_from_logp(name: str, lq: np.ndarray, lp: np.ndarray, **params: float) -> np.ndarray:
@@ -145,16 +137,6 @@ def ref_divergence(name: str, student: np.ndarray, teacher: np.ndarray, T: float
         lq, lp = ref_log_softmax(s[keep] / T), ref_log_softmax(t[keep] / T)
         out[index] = ref_from_logp(name, lq, lp, **params)
     return out
-
-
-def ref_todi_share(student: np.ndarray, teacher: np.ndarray, beta: float = 1.0) -> np.ndarray:
-    """sum a c / sum c with c = (a p - (1 - a) q) log(p / q); 1/2 where sum c == 0."""
-    lq, lp = ref_log_softmax(student), ref_log_softmax(teacher)
-    p, q = np.exp(lp), np.exp(lq)
-    a = sigmoid(beta * (lp - lq))
-    c = (a * p - (1.0 - a) * q) * (lp - lq)
-    total = c.sum(-1)
-    return np.where(total > 0, (a * c).sum(-1) / np.where(total > 0, total, 1.0), 0.5)
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float = RTOL, atol: float = ATOL) -> None:
@@ -358,7 +340,7 @@ def test_todi_weight_matches_reference_share():
     lt = torch.log_softmax(_t(teacher, torch.float64), -1)
     for beta in (1.0, 0.5, 3.0):
         out = todi_weight(ls, lt, beta)
-        np.testing.assert_allclose(out.numpy(), ref_todi_share(student, teacher, beta), rtol=1e-10)
+        np.testing.assert_allclose(out.numpy(), ref_todi_share(student, teacher, beta=beta), rtol=1e-10)
         assert ((out >= 0) & (out <= 1)).all()
     # p == q: no contribution anywhere, the share is defined as 1/2.
     np.testing.assert_array_equal(todi_weight(lt, lt, 1.0).numpy(), np.full(6, 0.5))

@@ -39,15 +39,7 @@ needs_data = pytest.mark.skipif(
     DATA_ROOT is None or not (DATA_ROOT / "dolly/test.jsonl").is_file(),
     reason="shared data not found (set TODI_DATA or provide ../shared/data)",
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models here are tiny: thread hand-offs cost more than the matmuls (3-10x slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny models
 
 
 EXAMPLES = [

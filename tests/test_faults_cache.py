@@ -317,6 +317,8 @@ def test_non_finite_logits_are_an_error_naming_the_examples(inputs, tmp_path):
 
 
 def test_max_prompt_length_must_be_below_max_length(inputs, tmp_path, capsys):
-    assert cli.main(_argv(_config(inputs, tmp_path / "c", max_prompt_length=64))) == 2
+    argv = _argv(_config(inputs, tmp_path / "c"))
+    argv[argv.index("--max-prompt-length") + 1] = "64"  # = --max-length
+    assert cli.main(argv) == 2
     assert "--max-prompt-length must be in [1, max-length), got 64" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()

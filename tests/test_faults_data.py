@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import tiny
 from todi import cli
 from todi.data import DataError, Example, encode_examples, load_examples
 
@@ -207,13 +206,6 @@ def test_existing_parquet_file_is_refused_with_a_conversion_hint(tmp_path):
 
 
 # ------------------------------------------------------------------------ 4. special tokens in data
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    if not (tiny.GPT2_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"GPT-2 tokenizer not found at {tiny.GPT2_DIR} (set TODI_DATA)")
-    return tiny.gpt2_tokenizer()
 
 
 def test_special_token_text_in_data_warns_once_per_file(tmp_path, gpt2, caplog):

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import todi.losses.fused as fused_mod
+from helpers import IGNORE, PARAMS, STUDENT, TEACHER, assert_rel, make_inputs, materialised_logits
 from todi.divergences import DIVERGENCES, LOG_FLOOR, get_divergence, masked_log_probs
 from todi.losses import (
     FusedLinearDistillationLoss,
@@ -33,63 +35,14 @@ from todi.losses import (
     fused_linear_distillation_loss,
 )
 
-IGNORE = -100
 RTOL = 1e-5
-# Non-default parameters of the parameterised divergences.
-PARAMS = {"todi": {"beta": 2.0}, "skl": {"skew": 0.2}, "srkl": {"skew": 0.2}, "akl": {"mu": 0.3}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tensors here are tiny: thread hand-offs cost more than the matmuls on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _no_compile_override(monkeypatch):
-    # TODI_COMPILE overrides the compile argument; the tests choose the path explicitly.
-    monkeypatch.delenv("TODI_COMPILE", raising=False)
+# Tiny tensors: one intra-op thread; TODI_COMPILE unset, as the tests choose the compile path explicitly.
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread", "no_compile_override")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def make_inputs(
-    n: int = 40,
-    h_s: int = 16,
-    h_t: int = 24,
-    vocab: int = 61,
-    *,
-    num_ignored: int = 0,
-    student_bias: bool = False,
-    teacher_bias: bool = False,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> dict:
-    """Random student / teacher hidden states and heads; exactly ``num_ignored`` rows have ignore labels."""
-    g = torch.Generator().manual_seed(seed)
-    inputs = {
-        "student_hidden": torch.randn(n, h_s, generator=g),
-        "student_weight": torch.randn(vocab, h_s, generator=g) * (1.5 / math.sqrt(h_s)),
-        "teacher_hidden": torch.randn(n, h_t, generator=g),
-        "teacher_weight": torch.randn(vocab, h_t, generator=g) * (2.0 / math.sqrt(h_t)),
-        "student_bias": torch.randn(vocab, generator=g) * 0.5 if student_bias else None,
-        "teacher_bias": torch.randn(vocab, generator=g) * 0.5 if teacher_bias else None,
-    }
-    labels = torch.randint(0, vocab, (n,), generator=g)
-    labels[torch.randperm(n, generator=g)[:num_ignored]] = IGNORE
-    inputs = {k: None if v is None else v.to(dtype) for k, v in inputs.items()}
-    inputs["labels"] = labels
-    return inputs
-
-
-STUDENT = ("student_hidden", "student_weight", "student_bias")
-TEACHER = ("teacher_hidden", "teacher_weight", "teacher_bias")
 
 
 def _leaves(inputs: dict, teacher_grad: bool = False) -> dict:
@@ -100,19 +53,6 @@ def _leaves(inputs: dict, teacher_grad: bool = False) -> dict:
             value = value.detach().clone().requires_grad_(key in STUDENT or teacher_grad)
         out[key] = value
     return out
-
-
-def materialised_logits(leaves: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    student = leaves["student_hidden"] @ leaves["student_weight"].T
-    if leaves["student_bias"] is not None:
-        student = student + leaves["student_bias"]
-    teacher = None
-    if leaves.get("teacher_hidden") is not None:
-        with torch.no_grad():
-            teacher = leaves["teacher_hidden"] @ leaves["teacher_weight"].T
-            if leaves["teacher_bias"] is not None:
-                teacher = teacher + leaves["teacher_bias"]
-    return student, teacher
 
 
 def run_reference(inputs: dict, backward: bool = True, **kwargs) -> tuple[LossOutput, dict]:
@@ -153,21 +93,6 @@ def run_fused(
     return out, {k: leaves[k].grad for k in STUDENT if leaves[k] is not None}
 
 
-def assert_rel(actual, expected, rtol: float = RTOL, name: str = "") -> None:
-    """Norm-relative error <= rtol (an exact-zero reference needs an (almost) exact zero)."""
-    if not isinstance(actual, torch.Tensor):
-        actual = torch.tensor(float(actual))
-    if not isinstance(expected, torch.Tensor):
-        expected = torch.tensor(float(expected))
-    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-    a, e = actual.detach().double(), expected.detach().double()
-    assert torch.isfinite(a).all(), f"{name}: non-finite values"
-    err, scale = float((a - e).norm()), float(e.norm())
-    assert err <= rtol * scale + 1e-12, (
-        f"{name}: |diff| = {err:.3e}, |ref| = {scale:.3e}, rel = {err / max(scale, 1e-30):.3e}"
-    )
-
-
 def assert_same_output(out: LossOutput, ref: LossOutput, rtol: float = RTOL) -> None:
     assert isinstance(out, LossOutput)
     assert out.loss.dim() == 0
@@ -195,40 +120,61 @@ def assert_same_grads(grads: dict, ref_grads: dict, rtol: float = RTOL) -> None:
 # fused == materialised, every divergence
 # ----------------------------------------------------------------------------------------------------------
 
-# (rows, ignored rows, chunk size, biases, temperature, non-default divergence params); the chunk size is
-# relative to the SUPERVISED rows (only those are chunked): 28 supervised rows in chunks of 5 leave a partial
-# chunk, in chunks of 7 they do not.
+
+class Case(NamedTuple):
+    rows: int
+    ignored: int  # rows with the ignore label
+    chunk: int | None  # chunk size (None: auto_chunk_size), relative to the SUPERVISED rows (see below)
+    bias: str | None  # which heads have a bias: "both", "student", "teacher" or None
+    temperature: float
+    with_params: bool  # the divergence's non-default PARAMS (else its defaults)
+
+
+# Only the supervised rows are chunked: 28 supervised rows in chunks of 5 leave a partial chunk, in chunks of
+# 7 they do not. The keys are the test ids.
 CASES = {
-    "ignored-chunk5-bias-both-T2-params": (40, 12, 5, "both", 2.0, True),
-    "dense-chunk8-nobias-T1": (32, 0, 8, None, 1.0, False),
-    "ignored-chunk7-student-bias-T0.7-params": (40, 12, 7, "student", 0.7, True),
-    "dense-chunk4-teacher-bias-T3": (30, 0, 4, "teacher", 3.0, False),
-    "ignored-auto-chunk-bias-both-params": (40, 9, None, "both", 2.0, True),
-    "ignored-chunk1-nobias-T1.5": (20, 5, 1, None, 1.5, False),
+    "ignored-chunk5-bias-both-T2-params": Case(
+        rows=40, ignored=12, chunk=5, bias="both", temperature=2.0, with_params=True
+    ),
+    "dense-chunk8-nobias-T1": Case(
+        rows=32, ignored=0, chunk=8, bias=None, temperature=1.0, with_params=False
+    ),
+    "ignored-chunk7-student-bias-T0.7-params": Case(
+        rows=40, ignored=12, chunk=7, bias="student", temperature=0.7, with_params=True
+    ),
+    "dense-chunk4-teacher-bias-T3": Case(
+        rows=30, ignored=0, chunk=4, bias="teacher", temperature=3.0, with_params=False
+    ),
+    "ignored-auto-chunk-bias-both-params": Case(
+        rows=40, ignored=9, chunk=None, bias="both", temperature=2.0, with_params=True
+    ),
+    "ignored-chunk1-nobias-T1.5": Case(
+        rows=20, ignored=5, chunk=1, bias=None, temperature=1.5, with_params=False
+    ),
 }
 
 
 @pytest.mark.parametrize("kd_rate", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case_id", list(CASES))
 @pytest.mark.parametrize("name", DIVERGENCES)
-def test_matches_materialised_loss_and_gradients(name, case, kd_rate):
-    n, ignored, chunk, bias, temperature, with_params = CASES[case]
+def test_matches_materialised_loss_and_gradients(name, case_id, kd_rate):
+    case = CASES[case_id]
     inputs = make_inputs(
-        n,
-        num_ignored=ignored,
-        student_bias=bias in ("both", "student"),
-        teacher_bias=bias in ("both", "teacher"),
-        seed=10 * DIVERGENCES.index(name) + list(CASES).index(case),
+        case.rows,
+        num_ignored=case.ignored,
+        student_bias=case.bias in ("both", "student"),
+        teacher_bias=case.bias in ("both", "teacher"),
+        seed=10 * DIVERGENCES.index(name) + list(CASES).index(case_id),
     )
     kwargs = dict(
         divergence=name,
         kd_rate=kd_rate,
-        temperature=temperature,
-        **(PARAMS.get(name, {}) if with_params else {}),
+        temperature=case.temperature,
+        **(PARAMS.get(name, {}) if case.with_params else {}),
     )
     ref, ref_grads = run_reference(inputs, **kwargs)
-    out, grads = run_fused(inputs, teacher_grad=True, chunk_size=chunk, **kwargs)
-    assert out.num_tokens == n - ignored
+    out, grads = run_fused(inputs, teacher_grad=True, chunk_size=case.chunk, **kwargs)
+    assert out.num_tokens == case.rows - case.ignored
     assert out.loss.requires_grad
     assert_same_output(out, ref)
     assert_same_grads(grads, ref_grads)
@@ -242,7 +188,7 @@ def test_matches_materialised_loss_and_gradients(name, case, kd_rate):
 
 
 def test_case_table_covers_dividing_and_non_dividing_chunks():
-    divides = {(n - ignored) % chunk == 0 for n, ignored, chunk, *_ in CASES.values() if chunk}
+    divides = {(case.rows - case.ignored) % case.chunk == 0 for case in CASES.values() if case.chunk}
     assert divides == {True, False}
 
 
@@ -253,7 +199,7 @@ def test_divergence_params_change_the_result(name):
     default, _ = run_fused(inputs, backward=False, divergence=name, kd_rate=1.0, chunk_size=5)
     custom, _ = run_fused(inputs, backward=False, divergence=name, kd_rate=1.0, chunk_size=5, **PARAMS[name])
     ref, _ = run_reference(inputs, backward=False, divergence=name, kd_rate=1.0, **PARAMS[name])
-    assert_rel(custom.loss, ref.loss)
+    assert_rel(custom.loss, ref.loss, RTOL)
     assert abs(custom.loss.item() - default.loss.item()) > 1e-4 * abs(default.loss.item())
 
 
@@ -265,8 +211,8 @@ def test_teacher_none_sft_matches_cross_entropy():
     logits, _ = materialised_logits(leaves)
     ce = F.cross_entropy(logits, leaves["labels"], ignore_index=IGNORE)
     ce.backward()
-    assert_rel(out.loss, ce)
-    assert_rel(out.ce, ce)
+    assert_rel(out.loss, ce, RTOL)
+    assert_rel(out.ce, ce, RTOL)
     assert float(out.kd) == 0.0 and out.todi_weight is None
     assert_same_grads(grads, {k: leaves[k].grad for k in STUDENT})
 
@@ -289,9 +235,9 @@ def test_num_items_in_batch_and_grad_accumulation():
     full, full_grads = run_fused(inputs, chunk_size=4)
     ref, ref_grads = run_reference(inputs)
     assert sum(p.num_tokens for p in parts) == total == full.num_tokens
-    assert_rel(parts[0].loss + parts[1].loss, full.loss)
-    assert_rel(parts[0].ce + parts[1].ce, ref.ce)
-    assert_rel(parts[0].kd + parts[1].kd, ref.kd)
+    assert_rel(parts[0].loss + parts[1].loss, full.loss, RTOL)
+    assert_rel(parts[0].ce + parts[1].ce, ref.ce, RTOL)
+    assert_rel(parts[0].kd + parts[1].kd, ref.kd, RTOL)
     accumulated = {k: leaves[k].grad for k in STUDENT}
     assert_same_grads(accumulated, full_grads)
     assert_same_grads(accumulated, ref_grads)
@@ -311,7 +257,7 @@ def test_backward_scales_with_upstream_gradient():
     out = call_fused(leaves, chunk_size=3)
     (2.5 * out.loss).backward()
     for key in ("student_hidden", "student_weight"):
-        assert_rel(leaves[key].grad, 2.5 * grads[key], name=key)
+        assert_rel(leaves[key].grad, 2.5 * grads[key], RTOL, key)
 
 
 @pytest.mark.parametrize("name", ["todi", "js", "fkl"])
@@ -411,7 +357,7 @@ def test_module_wrapper_matches_function():
         leaves, FusedLinearDistillationLoss("skl", ignore_index=-1, **kwargs), num_items_in_batch=40
     )
     assert out.num_tokens == fn_out.num_tokens
-    assert_rel(out.loss, fn_out.loss)
+    assert_rel(out.loss, fn_out.loss, RTOL)
 
 
 def test_module_validates_at_construction():
@@ -725,7 +671,7 @@ def test_compiled_kernel_matches_materialised(name, with_bias, caplog):
     assert not [r for r in caplog.records if "torch.compile" in r.getMessage()], caplog.text
     new_keys = set(fused_mod._COMPILED) - before
     assert not fused_mod._COMPILE_FAILED & (new_keys | before)
-    assert any(key[0].entry.name == name for key in fused_mod._COMPILED), "the kernel was not compiled"
+    assert any(key[0].divergence.name == name for key in fused_mod._COMPILED), "the kernel was not compiled"
     assert_same_output(out, ref)
     assert_same_output(eval_out, ref)
     assert_same_grads(grads, ref_grads)

@@ -15,10 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import IGNORE, ref_log_softmax, ref_todi_share, sigmoid
 from todi.losses.objective import LossOutput, distillation_loss
-
-IGNORE = -100
-
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -26,16 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 # ----------------------------------------------------------------------------------------------------------
 # float64 references, written from the spec (never calling the code under test)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def ref_log_softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    m = z.max(axis=-1, keepdims=True)
-    return z - (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+# (ref_log_softmax, sigmoid and ref_todi_share are in helpers.py)
 
 
 def ref_kd_per_position(name: str, student: np.ndarray, teacher: np.ndarray, T: float, beta: float = 1.0):
@@ -54,16 +43,6 @@ def ref_kd_per_position(name: str, student: np.ndarray, teacher: np.ndarray, T: 
         a = sigmoid(beta * (lp - lq))
         return (a * p * (lp - lq) + (1 - a) * q * (lq - lp)).sum(-1)
     raise AssertionError(name)
-
-
-def ref_todi_share(student: np.ndarray, teacher: np.ndarray, T: float, beta: float = 1.0) -> np.ndarray:
-    """Per position sum_v a_v c_v / sum_v c_v, c_v = (a_v p_v - (1 - a_v) q_v) log(p_v / q_v); 1/2 if 0."""
-    lq, lp = ref_log_softmax(student / T), ref_log_softmax(teacher / T)
-    p, q = np.exp(lp), np.exp(lq)
-    a = sigmoid(beta * (lp - lq))
-    c = (a * p - (1 - a) * q) * (lp - lq)
-    total = c.sum(-1)
-    return np.where(total > 0, (a * c).sum(-1) / np.where(total > 0, total, 1.0), 0.5)
 
 
 def ref_objective(student, teacher, labels, *, name="todi", kd_rate=0.5, T=2.0, ignore=IGNORE, n=None, **kw):

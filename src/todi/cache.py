@@ -58,7 +58,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from todi.data import DataError
 from todi.errors import NonFiniteError, TodiError, UsageError
 from todi.losses.sparse import NO_SAMPLE, SparseTeacher
+from todi.options import option
 from todi.outputs import OutputFolder
 from todi.report import write_text_atomic
 
@@ -89,45 +90,41 @@ _ID_OFFSET = 32768  # ids < 65,536 fit int16 after this shift
 _LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def _opt(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class Config:
     """Run a teacher over training data once and store its top-k next-token distributions."""
 
-    teacher: str = _opt("", "teacher (required): a local folder, a .gguf file or a Hugging Face Hub id")
-    data: str = _opt("", "training data (required), as for `todi distill --data`")
-    out: str = _opt("", "cache folder (required); rerunning the same command resumes an interrupted build")
-    top_k: int = _opt(64, "tokens kept per position (the rest form one tail bucket)")
-    temperatures: str = _opt(
+    teacher: str = option("", "teacher (required): a local folder, a .gguf file or a Hugging Face Hub id")
+    data: str = option("", "training data (required), as for `todi distill --data`")
+    out: str = option("", "cache folder (required); rerunning the same command resumes an interrupted build")
+    top_k: int = option(64, "tokens kept per position (the rest form one tail bucket)")
+    temperatures: str = option(
         "2.0", "comma-separated distillation temperatures whose tail statistics are stored (exact at these)"
     )
-    tail_samples: int = _opt(
+    tail_samples: int = option(
         16,
         "tail tokens drawn per position and temperature on average, for `todi distill --cache-tail "
         "sampled` (2 bytes each, shared among positions by their tail mass; 0 = none)",
     )
-    batch_size: int = _opt(8, "examples per teacher forward pass")
-    shard_size: int = _opt(1024, "examples per shard file (the unit of resumption)")
-    template: str = _opt("alpaca", "prompt template; must match the later `todi distill --template`")
-    max_length: int = _opt(512, "tokens per example; must match the later `todi distill --max-length`")
-    max_prompt_length: int = _opt(256, "prompt tokens kept; must match `todi distill --max-prompt-length`")
-    max_examples: int | None = _opt(None, "cache only the first N training examples")
-    teacher_lora: str | None = _opt(None, "PEFT adapter folder merged into the teacher when it loads")
-    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+    batch_size: int = option(8, "examples per teacher forward pass")
+    shard_size: int = option(1024, "examples per shard file (the unit of resumption)")
+    template: str = option("alpaca", "prompt template; must match the later `todi distill --template`")
+    max_length: int = option(512, "tokens per example; must match the later `todi distill --max-length`")
+    max_prompt_length: int = option(256, "prompt tokens kept; must match `todi distill --max-prompt-length`")
+    max_examples: int | None = option(None, "cache only the first N training examples")
+    teacher_lora: str | None = option(None, "PEFT adapter folder merged into the teacher when it loads")
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "teacher dtype; auto = bfloat16 on GPUs, float32 on CPU"
     )
-    logprob_dtype: Literal["float16", "float32"] = _opt(
+    logprob_dtype: Literal["float16", "float32"] = option(
         "float16", "storage of the log-probabilities (float32 doubles their size; exact)"
     )
-    overwrite: bool = _opt(
+    overwrite: bool = option(
         False,
         "replace a teacher cache in --out built with other settings (only a folder todi marked as a cache; "
         "the old one is deleted once the new build succeeds)",
     )
-    trust_remote_code: bool = _opt(False, "allow models whose code comes with their checkpoint")
+    trust_remote_code: bool = option(False, "allow models whose code comes with their checkpoint")
 
     def temperature_list(self) -> list[float]:
         """The temperatures whose tail power sums are stored (1 needs none: it is the tail itself)."""
@@ -144,6 +141,9 @@ class Config:
         if any(not (math.isfinite(t) and t > 0) for t in values):
             raise UsageError(f"--temperatures must be > 0, got {self.temperatures!r}")
         return values
+
+    def __post_init__(self) -> None:
+        self.check()  # a config checks itself when built
 
     def check(self) -> None:
         problems = [f"--{name} is required" for name in ("teacher", "data", "out") if not getattr(self, name)]

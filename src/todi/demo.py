@@ -20,7 +20,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 
 from todi import demo_tasks
 from todi.errors import UsageError
+from todi.options import option
 from todi.outputs import OutputFolder
 
 logger = logging.getLogger(__name__)
@@ -42,24 +43,20 @@ EVAL_MAX_NEW_TOKENS = 24
 DEMO_VERSION = 2
 
 
-def _opt(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class Config:
     """Distil a teacher into students with SFT, FKL, RKL and ToDi on embedded data, then compare them."""
 
-    out: str = _opt("todi-demo", "output folder: data/, runs/, eval/, report.md and figures")
-    quick: bool = _opt(
+    out: str = option("todi-demo", "output folder: data/, runs/, eval/, report.md and figures")
+    quick: bool = option(
         False, "a smaller, faster profile (one training seed; about an eighth of the default time)"
     )
-    all: bool = _opt(False, "train a student for every objective in the registry, not only FKL/RKL/ToDi")
-    seed: int = _opt(0, "seed of the data generator, initialisation and data order")
-    cache_dir: str | None = _opt(
+    all: bool = option(False, "train a student for every objective in the registry, not only FKL/RKL/ToDi")
+    seed: int = option(0, "seed of the data generator, initialisation and data order")
+    cache_dir: str | None = option(
         None, "where the trained teacher is cached (default: $TODI_CACHE or ~/.cache/todi)"
     )
-    overwrite: bool = _opt(False, "start afresh: replace the demo already in --out (never another folder)")
+    overwrite: bool = option(False, "start afresh: replace the demo already in --out (never another folder)")
 
 
 @dataclass(frozen=True)
@@ -316,7 +313,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _evaluate(
+def _evaluate_on_test(
     models: dict[str, list[Path]], test: Path, profile: Profile, out: Path
 ) -> dict[str, dict[str, Any]]:
     """ROUGE-L and exact match per model: the mean over its training seeds (each the mean over the
@@ -401,7 +398,7 @@ def _run(config: Config, profile: Profile, out: Path) -> None:
     students = _students(config, profile, tokenizer, data, teacher, runs)
     evaluation = out / "eval"
     evaluation.mkdir(exist_ok=True)
-    results = _evaluate({"teacher": [teacher], **students}, paths["test"], profile, evaluation)
+    results = _evaluate_on_test({"teacher": [teacher], **students}, paths["test"], profile, evaluation)
     runs_by_key = {
         f"{name}/{i}": folder for name, folders in students.items() for i, folder in enumerate(folders)
     }

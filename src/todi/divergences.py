@@ -199,10 +199,10 @@ def divergence(
     Returns:
         ``[...]`` tensor in float32 (float64 for float64 input), differentiable w.r.t. both inputs.
     """
-    entry = get_divergence(name)
-    resolved = entry.resolve(params)
+    registered = get_divergence(name)
+    resolved = registered.resolve(params)
     ls, lt = log_probs(student_logits, teacher_logits, temperature)
-    return entry.fn(ls, lt, **resolved)
+    return registered.fn(ls, lt, **resolved)
 
 
 def _log_weight(w: float) -> float:

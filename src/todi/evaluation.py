@@ -31,7 +31,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from todi.data import (
 )
 from todi.errors import UsageError
 from todi.models import load_causal_lm, load_tokenizer, model_identity, resolve_dtype
+from todi.options import option
 from todi.outputs import OutputFolder
 
 log = logging.getLogger(__name__)
@@ -302,6 +303,30 @@ def evaluate_model(
     return score_predictions(predictions, examples)[0], predictions
 
 
+def dev_rouge(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    seeds: Sequence[int],
+    settings: GenerationSettings,
+    template: str = "alpaca",
+    max_prompt_length: int = 256,
+) -> float:
+    """Mean ROUGE-L x100 over ``seeds`` of the model's sampled answers (the dev score training ranks its
+    checkpoints by). The caller's RNG streams and the model's mode are left as they were."""
+    score = functools.partial(
+        evaluate_model,
+        model,
+        tokenizer,
+        examples,
+        settings=settings,
+        template=template,
+        max_prompt_length=max_prompt_length,
+    )
+    return math.fsum(score(seed=seed)[0] for seed in seeds) / len(seeds)
+
+
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
@@ -352,10 +377,6 @@ class _Repeatable(argparse.Action):
         setattr(namespace, self.dest, [*current, *values])
 
 
-def _help(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
-
-
 @dataclass
 class Config:
     """Sample answers on instruction-following test sets and score ROUGE-L over several seeds.
@@ -366,65 +387,71 @@ class Config:
     """
 
     # Not required at the parser level, so that it may come from a --config file; run() checks it.
-    out: str = field(default="", metadata=_help("output folder for predictions and results (required)"))
-    model: list[str] = field(
-        default_factory=list,
-        metadata=_help(
-            "model folder or Hub id; repeat (or list several) to compare models", action=_Repeatable
-        ),
+    out: str = option("", "output folder for predictions and results (required)")
+    model: list[str] = option(
+        text="model folder or Hub id; repeat (or list several) to compare models",
+        factory=list,
+        action=_Repeatable,
     )
-    name: list[str] = field(
-        default_factory=list,
-        metadata=_help(
-            "display names, one per --model (default: the last two parts of the model path)",
-            action=_Repeatable,
-        ),
+    name: list[str] = option(
+        text="display names, one per --model (default: the last two parts of the model path)",
+        factory=list,
+        action=_Repeatable,
     )
-    data: str = field(
-        default=PAPER_DATASETS,
-        metadata=_help("comma-separated data set names (<data root>/<name>/test.jsonl) or .jsonl paths"),
+    data: str = option(
+        PAPER_DATASETS, "comma-separated data set names (<data root>/<name>/test.jsonl) or .jsonl paths"
     )
-    seeds: str = field(default=PAPER_SEEDS, metadata=_help("comma-separated sampling seeds, one run each"))
-    max_examples: int | None = field(
-        default=None, metadata=_help("use only the first N examples of each set")
+    seeds: str = option(PAPER_SEEDS, "comma-separated sampling seeds, one run each")
+    max_examples: int | None = option(None, "use only the first N examples of each set")
+    batch_size: int = option(8, "prompts generated together")
+    data_root: str | None = option(
+        None, "folder of named data sets (default: $TODI_DATA, else ../shared/data)"
     )
-    batch_size: int = field(default=8, metadata=_help("prompts generated together"))
-    data_root: str | None = field(
-        default=None, metadata=_help("folder of named data sets (default: $TODI_DATA, else ../shared/data)")
+    template: str = option("alpaca", "prompt template, as in training")
+    max_prompt_length: int = option(256, "prompts are left-truncated to this many tokens")
+    max_new_tokens: int = option(256, "longest answer, in tokens")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling threshold (1 = off)")
+    top_k: int = option(0, "top-k sampling (0 = off)")
+    no_repeat_ngram_size: int = option(6, "forbid repeating n-grams of this size (0 = off)")
+    greedy: bool = option(False, "greedy decoding instead of sampling (one seed suffices)")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    compare: list[str] | None = option(
+        None,
+        "merge the results.json of these earlier --out folders instead of evaluating",
+        action=_Repeatable,
     )
-    template: str = field(default="alpaca", metadata=_help("prompt template, as in training"))
-    max_prompt_length: int = field(
-        default=256, metadata=_help("prompts are left-truncated to this many tokens")
-    )
-    max_new_tokens: int = field(default=256, metadata=_help("longest answer, in tokens"))
-    temperature: float = field(default=1.0, metadata=_help("sampling temperature"))
-    top_p: float = field(default=1.0, metadata=_help("nucleus sampling threshold (1 = off)"))
-    top_k: int = field(default=0, metadata=_help("top-k sampling (0 = off)"))
-    no_repeat_ngram_size: int = field(
-        default=6, metadata=_help("forbid repeating n-grams of this size (0 = off)")
-    )
-    greedy: bool = field(
-        default=False, metadata=_help("greedy decoding instead of sampling (one seed suffices)")
-    )
-    dtype: str = field(
-        default="auto", metadata=_help("auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    )
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
-    compare: list[str] | None = field(
-        default=None,
-        metadata=_help(
-            "merge the results.json of these earlier --out folders instead of evaluating", action=_Repeatable
-        ),
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata=_help("allow model code from the model folder/Hub")
-    )
+    trust_remote_code: bool = option(False, "allow model code from the model folder/Hub")
 
     def __post_init__(self) -> None:
         # A --config YAML file may give a single model (or folder to compare) as a plain string.
         for name in ("model", "name", "compare"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
+        self.check()
+
+    def check(self) -> None:
+        """Refuse invalid options before anything loads (a config checks itself when built)."""
+        if not self.out:
+            raise UsageError(
+                "--out is required", "give the folder for predictions and results, e.g. --out eval/"
+            )
+        if self.compare:
+            if self.model:
+                raise UsageError(
+                    "--compare merges earlier results and takes no --model", "drop --model or --compare"
+                )
+            return
+        if not self.model:
+            raise UsageError(
+                "no model to evaluate",
+                "pass --model PATH (repeatable), or --compare DIR ... to merge results",
+            )
+        self.generation_settings().validate()
+        check_template(self.template)
+        parse_seeds(self.seeds)
+        _model_names(self)
 
     def generation_settings(self) -> GenerationSettings:
         return GenerationSettings(
@@ -438,16 +465,18 @@ class Config:
         )
 
 
-def _parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+    """The sampling seeds a comma-separated option names (at least one, no repeats: a repeated seed would
+    count one sample twice); one parser for ``todi eval --seeds`` and ``todi sft/distill --eval-seeds``."""
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise UsageError(
-            f"--seeds must be comma-separated integers, got {text!r}", f"e.g. --seeds {PAPER_SEEDS}"
+            f"{option} must be comma-separated integers, got {text!r}", f"e.g. {option} {PAPER_SEEDS}"
         ) from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise UsageError(
-            f"--seeds needs at least one seed and no repeats, got {text!r}", f"e.g. --seeds {PAPER_SEEDS}"
+            f"{option} needs at least one seed and no repeats, got {text!r}", f"e.g. {option} {PAPER_SEEDS}"
         )
     return seeds
 
@@ -726,15 +755,8 @@ def _evaluate_one(
     return scores
 
 
-def _evaluate(config: Config) -> None:
-    if not config.model:
-        raise UsageError(
-            "no model to evaluate", "pass --model PATH (repeatable), or --compare DIR ... to merge results"
-        )
-    settings = config.generation_settings()
-    settings.validate()
-    check_template(config.template)
-    seeds = _parse_seeds(config.seeds)
+def _evaluate_models(config: Config) -> None:
+    seeds = parse_seeds(config.seeds)
     if config.greedy and len(seeds) > 1:
         log.warning("greedy decoding does not depend on the seed: evaluating seed %d only", seeds[0])
         seeds = seeds[:1]
@@ -776,13 +798,7 @@ def _numbered(option: str, values: Sequence[str]) -> dict[str, str]:
 
 def run(config: Config) -> None:
     """``todi eval``: evaluate models, or with --compare merge earlier results."""
-    if not config.out:
-        raise UsageError("--out is required", "give the folder for predictions and results, e.g. --out eval/")
     if config.compare:
-        if config.model:
-            raise UsageError(
-                "--compare merges earlier results and takes no --model", "drop --model or --compare"
-            )
         # OutputFolder refuses an --out that is (or holds) one of the --compare folders, or is not an
         # evaluation folder; an earlier merged table in it is replaced (it is made from the inputs alone).
         inputs = _numbered("--compare", config.compare)
@@ -792,4 +808,4 @@ def run(config: Config) -> None:
             report.write_report(results, Path(config.out))
         print(report.markdown_table(results))
         return
-    _evaluate(config)
+    _evaluate_models(config)

@@ -43,7 +43,7 @@ from todi.errors import TodiError, UsageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCK_NAME", "MARKER_NAME", "OutputFolder", "local_input", "read_marker"]
+__all__ = ["LOCK_NAME", "MARKER_NAME", "OutputFolder", "local_input", "read_json", "read_marker"]
 
 MARKER_NAME = ".todi-output.json"
 LOCK_NAME = ".todi.lock"
@@ -62,10 +62,10 @@ _KIND = {
 
 def _legacy_kind(path: Path) -> str | None:
     """The kind of output a folder written before markers holds, from the file its command always wrote."""
-    info = _read_json(path / "run_info.json")
+    info = read_json(path / "run_info.json")
     if info.get("command") in ("sft", "distill"):
         return "training run"
-    manifest = _read_json(path / "manifest.json")
+    manifest = read_json(path / "manifest.json")
     if "format_version" in manifest and "shards" in manifest:
         return "teacher cache"
     if (path / "todi_init.json").is_file():
@@ -77,7 +77,8 @@ def _legacy_kind(path: Path) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; {} when the file is missing, unreadable or not an object."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -87,7 +88,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def read_marker(path: str | os.PathLike) -> dict[str, Any]:
     """The marker of a todi output folder (command, run id, created), or {} when it has none."""
-    return _read_json(Path(path) / MARKER_NAME)
+    return read_json(Path(path) / MARKER_NAME)
 
 
 def local_input(name_or_path: str | os.PathLike | None) -> Path | None:
@@ -130,7 +131,7 @@ class _Lock:
                     "wait for that run to finish or stop it; two commands must not write one --out",
                 ) from None
             # No flock on this file system: fall back on the pid and host written in the file.
-            held = _read_json(self.path)
+            held = read_json(self.path)
             if held and not _stale(held):
                 os.close(fd)
                 raise TodiError(
@@ -138,7 +139,7 @@ class _Lock:
                     "flock, so todi trusts the lock file)",
                     f"if that process is gone, delete {self.path}",
                 ) from None
-        held = _read_json(self.path)
+        held = read_json(self.path)
         if held and held.get("host") != self.info["host"]:
             logger.warning("taking over %s, left by %s (its lock is free)", self.path, _describe(held))
         os.ftruncate(fd, 0)
@@ -163,7 +164,7 @@ def _describe(info: dict[str, Any]) -> str:
 
 
 def _holder(lock: Path) -> str:
-    info = _read_json(lock)
+    info = read_json(lock)
     return _describe(info) if info else "another process"
 
 

@@ -35,7 +35,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +51,7 @@ from todi.models import (
     load_tokenizer,
     resolve_model_path,
 )
+from todi.options import option
 from todi.outputs import OutputFolder
 
 logger = logging.getLogger(__name__)
@@ -69,34 +70,43 @@ __all__ = [
 INIT_RECORD = "todi_init.json"
 
 
-def _opt(default: Any, text: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": text, **extra})
-
-
 @dataclass
 class Config:
     """Make a smaller student from a subset of a teacher's layers (same tokenizer and architecture)."""
 
-    teacher: str = _opt(
+    teacher: str = option(
         "",
         "the teacher (required): a model folder, a Hugging Face Hub id or a GGUF file",
         aliases=["--from"],
     )
-    layers: str = _opt(
+    layers: str = option(
         "",
         "teacher layers to keep (required): 0-based indices, comma-separated and increasing (0,6,12), "
         "or a count K (6): K layers evenly spaced, first and last included",
     )
-    out: str = _opt("", "output folder (required) for the student model, tokenizer and todi_init.json")
-    dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", "dtype of the saved weights")
-    random: bool = _opt(
+    out: str = option("", "output folder (required) for the student model, tokenizer and todi_init.json")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the saved weights")
+    random: bool = option(
         False, "initialise the smaller architecture randomly instead of copying teacher weights"
     )
-    seed: int = _opt(0, "seed of the random initialisation (--random)")
-    overwrite: bool = _opt(
+    seed: int = option(0, "seed of the random initialisation (--random)")
+    overwrite: bool = option(
         False, "replace a student an earlier init-student wrote in --out (never a folder of anything else)"
     )
-    trust_remote_code: bool = _opt(False, "allow models whose code comes with their checkpoint")
+    trust_remote_code: bool = option(False, "allow models whose code comes with their checkpoint")
+
+    def __post_init__(self) -> None:
+        """A config checks itself when built (--layers against the teacher waits for its config)."""
+        if not self.teacher:
+            raise UsageError(
+                "--from is required", "give the teacher: a model folder, a Hub id or a GGUF file"
+            )
+        if not self.out:
+            raise UsageError("--out is required", "give the folder to write the student to")
+        if not self.layers.strip():
+            raise UsageError("--layers is required", "e.g. --layers 0,6,12 (indices) or --layers 6 (a count)")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"unknown --dtype {self.dtype!r}", "use float32, bfloat16 or float16")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,17 +253,6 @@ def make_student(
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_options(config: Config) -> None:
-    if not config.teacher:
-        raise UsageError("--from is required", "give the teacher: a model folder, a Hub id or a GGUF file")
-    if not config.out:
-        raise UsageError("--out is required", "give the folder to write the student to")
-    if not config.layers.strip():
-        raise UsageError("--layers is required", "e.g. --layers 0,6,12 (indices) or --layers 6 (a count)")
-    if config.dtype not in DTYPES:
-        raise UsageError(f"unknown --dtype {config.dtype!r}", "use float32, bfloat16 or float16")
-
-
 def _teacher_num_layers(path: str, source: str, trust_remote_code: bool) -> int:
     """The teacher's layer count from its config alone, so --layers is checked before any weights load."""
     from transformers import AutoConfig
@@ -315,7 +314,6 @@ def _write_student(student: nn.Module, tokenizer: Any, folder: Path, record: dic
 def run(config: Config) -> None:
     """Write the student ``config`` describes; every option is checked before any weights load, and --out
     before the teacher is read (see :class:`todi.outputs.OutputFolder`)."""
-    _check_options(config)
     out, teacher = Path(config.out).expanduser(), Path(config.teacher).expanduser()
     if teacher.is_dir() and out.resolve() == teacher.resolve():
         raise UsageError(f"--out {out} is the teacher's own folder", "write the student to another folder")

@@ -1,9 +1,12 @@
 """``todi sft`` and ``todi distill``: fine-tune a teacher, distil it into a student.
 
-One loop serves both: SFT is distillation without a teacher (``kd_rate = 0``). :func:`train` reads top
-to bottom: checks, data, models, the step loop (micro-batches, backward, clip, step), evaluation,
-checkpoints, export. Model loading lives in :mod:`todi.models`, checkpoint files in
-:mod:`todi.checkpoint`, the objective in :func:`todi.losses.causal_lm_distillation_loss`.
+One loop serves both: SFT is distillation without a teacher (``kd_rate = 0``). The file reads top to
+bottom: the options, :func:`train` (checks, then the loop: each step of a training step is a call named
+for what it does), the setup functions it calls (data, student, teacher, optimizer, run folder), then the
+pieces of a step. Model loading lives in :mod:`todi.models`, checkpoint files in :mod:`todi.checkpoint`,
+what the run folder records (and strict resume) in :mod:`todi.run_record`, processes and sharding in
+:mod:`todi.parallel`, dev ROUGE-L in :func:`todi.evaluation.dev_rouge`, the objective in
+:func:`todi.losses.causal_lm_distillation_loss`.
 
 Running it
 ----------
@@ -43,12 +46,10 @@ ends with the same weights as a run never stopped.
 
 from __future__ import annotations
 
-import array
-import contextlib
+import abc
 import copy
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -61,7 +62,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,13 +74,13 @@ from todi.checkpoint import (
     any_rank,
     list_checkpoints,
     load_latest_checkpoint,
-    remove_stale,
     rotate_checkpoints,
     save_checkpoint,
 )
-from todi.data import supervised_positions
+from todi.data import DataCollator, supervised_positions
 from todi.divergences import DIVERGENCES, get_divergence
-from todi.errors import NonFiniteError, Stopped, TodiError, UsageError
+from todi.errors import NonFiniteError, Stopped, UsageError
+from todi.losses import LossOutput
 from todi.losses.sparse import SparseTeacher
 from todi.models import (
     add_lora,
@@ -90,11 +91,19 @@ from todi.models import (
     freeze,
     load_causal_lm,
     load_tokenizer,
-    model_identity,
     resolve_dtype,
 )
-from todi.outputs import OutputFolder, read_marker
-from todi.report import write_text_atomic
+from todi.options import option
+from todi.outputs import OutputFolder
+from todi.parallel import (
+    claimed,
+    is_sharded,
+    make_accelerator,
+    prepare_fused_head,
+    replicated_loading,
+    sum_over_ranks,
+)
+from todi.run_record import append_segment, check_resume, run_identity, write_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -109,59 +118,9 @@ __all__ = [
     "train",
 ]
 
-CONFIG_NAME = "config.yaml"
-RUN_INFO_NAME = "run_info.json"
 METRICS_NAME = "metrics.jsonl"
-SEGMENTS_NAME = "segments.jsonl"
 MIN_TEMPERATURE = 1e-2
 _MAX_SKIPS_IN_A_ROW = 10
-# Options whose change would make --resume continue a different run (another batch plan or other
-# parameter shapes): refused, even with --resume-changed.
-_LOCKED_ON_RESUME = (
-    "data",
-    "max_examples",
-    "template",
-    "max_length",
-    "max_prompt_length",
-    "group_by_length",
-    "batch_size",
-    "seed",
-    "lora_r",
-    "lora_target",
-    "model",
-    "student",
-)
-# Options free to change on resume: how long to train, how the run is evaluated, logged, checkpointed
-# and how the loss is computed (not what it computes). Any other change needs --resume-changed.
-_FREE_ON_RESUME = frozenset(
-    {
-        "out",
-        "resume",
-        "resume_changed",
-        "overwrite",
-        "nan_policy",
-        "epochs",
-        "max_steps",
-        "dev",
-        "dev_max_examples",
-        "eval_every",
-        "eval_seeds",
-        "eval_max_new_tokens",
-        "eval_batch_size",
-        "save_every",
-        "save_best",
-        "keep_last",
-        "log_every",
-        "report_to",
-        "fused",
-        "chunk_size",
-        "compile",
-    }
-)
-
-
-def _opt(default: Any, text: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": text, **extra})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,97 +129,106 @@ def _opt(default: Any, text: str, **extra: Any) -> Any:
 
 
 @dataclass
-class TrainConfig:
-    """Options shared by ``todi sft`` and ``todi distill``."""
+class TrainConfig(abc.ABC):
+    """Options shared by ``todi sft`` and ``todi distill``; a config checks itself when built, so an
+    invalid one cannot exist (every problem is reported at once, by option name)."""
 
-    data: str = _opt(
+    data: str = option(
         "",
         "training data (required): a .jsonl file, a folder holding train.jsonl, a datasets save_to_disk "
         "folder or a Hub data set name",
     )
-    out: str = _opt("", "run folder (required): config, metrics.jsonl, tb/, checkpoints/, best/, final/")
-    dev: str | None = _opt(
+    out: str = option("", "run folder (required): config, metrics.jsonl, tb/, checkpoints/, best/, final/")
+    dev: str | None = option(
         None, "dev data, scored during training (dev loss, dev ROUGE-L); a folder gives its dev.jsonl"
     )
-    resume: bool = _opt(False, "continue the run in --out from its newest usable checkpoint")
-    resume_changed: bool = _opt(
+    resume: bool = option(False, "continue the run in --out from its newest usable checkpoint")
+    resume_changed: bool = option(
         False,
         "with --resume: continue even though the teacher, student or data contents, the loss or its "
         "parameters, or the optimisation options changed (each change is recorded in segments.jsonl)",
     )
-    overwrite: bool = _opt(
+    overwrite: bool = option(
         False,
         "replace the todi run in --out: it is set aside once the inputs have loaded and deleted when this "
         "run succeeds (a folder without todi's marker is never deleted)",
     )
-    nan_policy: Literal["stop", "skip"] = _opt(
+    nan_policy: Literal["stop", "skip"] = option(
         "stop",
         "a NaN/inf loss or gradient norm: stop (before any weights are written) or skip that update and "
         "count it (stops anyway after 10 in a row)",
     )
     # data
-    template: str = _opt(
+    template: str = option(
         "alpaca", "prompt template: alpaca, chat, none or a format string with {instruction}"
     )
-    max_length: int = _opt(512, "tokens per example (prompt + response); longer responses are cut")
-    max_prompt_length: int = _opt(256, "prompt tokens kept (from the end of the prompt)")
-    max_examples: int | None = _opt(None, "use only the first N training examples")
-    dev_max_examples: int | None = _opt(None, "use only the first N dev examples")
-    group_by_length: Literal["bucket", "sort", "none"] = _opt(
+    max_length: int = option(512, "tokens per example (prompt + response); longer responses are cut")
+    max_prompt_length: int = option(256, "prompt tokens kept (from the end of the prompt)")
+    max_examples: int | None = option(None, "use only the first N training examples")
+    dev_max_examples: int | None = option(None, "use only the first N dev examples")
+    group_by_length: Literal["bucket", "sort", "none"] = option(
         "bucket", "batch examples of similar length together (less padding)"
     )
     # optimisation
-    epochs: int = _opt(10, "passes over the training data (ignored when --max-steps is set)")
-    max_steps: int = _opt(0, "optimizer steps to run; 0 = --epochs full passes")
-    batch_size: int = _opt(8, "examples per micro-batch per device")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step per device")
-    lr: float = _opt(5e-4, "peak learning rate (AdamW)")
-    min_lr: float = _opt(0.0, "learning rate at the end of the cosine decay")
-    warmup_steps: int = _opt(0, "steps of linear warm-up before the cosine decay")
-    weight_decay: float = _opt(0.0, "AdamW weight decay, applied to weight matrices only")
-    max_grad_norm: float = _opt(1.0, "gradient clipping threshold (global L2 norm)")
-    seed: int = _opt(42, "seed of initialisation (LoRA), data order and dropout")
+    epochs: int = option(10, "passes over the training data (ignored when --max-steps is set)")
+    max_steps: int = option(0, "optimizer steps to run; 0 = --epochs full passes")
+    batch_size: int = option(8, "examples per micro-batch per device")
+    grad_accum: int = option(1, "micro-batches per optimizer step per device")
+    lr: float = option(5e-4, "peak learning rate (AdamW)")
+    min_lr: float = option(0.0, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(0, "steps of linear warm-up before the cosine decay")
+    weight_decay: float = option(0.0, "AdamW weight decay, applied to weight matrices only")
+    max_grad_norm: float = option(1.0, "gradient clipping threshold (global L2 norm)")
+    seed: int = option(42, "seed of initialisation (LoRA), data order and dropout")
     # precision and memory
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "dtype of the trained weights; auto = float32 (with bf16 autocast on GPUs)"
     )
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _opt(
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
         "auto", "autocast; auto = the accelerate config's, else bf16 on GPUs that support it, no on CPU"
     )
-    fused: bool = _opt(True, "fused chunked head + loss (never builds [tokens, vocab] logits); --no-fused")
-    chunk_size: int | None = _opt(None, "positions per chunk of the fused loss (default: automatic)")
-    compile: bool | None = _opt(
+    fused: bool = option(True, "fused chunked head + loss (never builds [tokens, vocab] logits); --no-fused")
+    chunk_size: int | None = option(None, "positions per chunk of the fused loss (default: automatic)")
+    compile: bool | None = option(
         None, "torch.compile the fused loss's chunk math (default: when a batch has several full chunks)"
     )
-    trust_remote_code: bool = _opt(False, "allow models whose code comes with their checkpoint")
+    trust_remote_code: bool = option(False, "allow models whose code comes with their checkpoint")
     # LoRA
-    lora_r: int = _opt(0, "LoRA rank of the trained model; 0 = train all weights")
-    lora_alpha: float = _opt(16.0, "LoRA alpha (scale alpha / r)")
-    lora_dropout: float = _opt(0.05, "LoRA dropout")
-    lora_target: str = _opt("all-linear", "LoRA target modules: all-linear or comma-separated module names")
-    keep_adapter: bool = _opt(False, "export the LoRA adapter instead of merging it into the weights")
+    lora_r: int = option(0, "LoRA rank of the trained model; 0 = train all weights")
+    lora_alpha: float = option(16.0, "LoRA alpha (scale alpha / r)")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_target: str = option("all-linear", "LoRA target modules: all-linear or comma-separated module names")
+    keep_adapter: bool = option(False, "export the LoRA adapter instead of merging it into the weights")
     # evaluation
-    eval_every: int = _opt(0, "evaluate on --dev every N steps; 0 = at the end of every epoch")
-    eval_seeds: str = _opt("10", "comma-separated sampling seeds for dev ROUGE-L (mean over seeds)")
-    eval_max_new_tokens: int = _opt(256, "tokens generated per dev answer")
-    eval_batch_size: int = _opt(8, "dev prompts generated at once per device")
+    eval_every: int = option(0, "evaluate on --dev every N steps; 0 = at the end of every epoch")
+    eval_seeds: str = option("10", "comma-separated sampling seeds for dev ROUGE-L (mean over seeds)")
+    eval_max_new_tokens: int = option(256, "tokens generated per dev answer")
+    eval_batch_size: int = option(8, "dev prompts generated at once per device")
     # checkpoints and logs
-    save_every: int = _opt(
+    save_every: int = option(
         500, "checkpoint every N steps (also after every evaluation and at the end); 0 = off"
     )
-    save_best: int = _opt(1, "keep the N checkpoints with the best dev score (ROUGE-L), besides the newest")
-    keep_last: int = _opt(2, "keep the N newest checkpoints (>= 2 leaves one to fall back on)")
-    log_every: int = _opt(10, "write metrics every N steps")
-    report_to: str = _opt("tensorboard", "comma-separated: tensorboard, wandb, none (metrics.jsonl always)")
+    save_best: int = option(1, "keep the N checkpoints with the best dev score (ROUGE-L), besides the newest")
+    keep_last: int = option(2, "keep the N newest checkpoints (>= 2 leaves one to fall back on)")
+    log_every: int = option(10, "write metrics every N steps")
+    report_to: str = option("tensorboard", "comma-separated: tensorboard, wandb, none (metrics.jsonl always)")
 
     command = "train"
 
+    def __post_init__(self) -> None:
+        self.check()
+
     @property
+    @abc.abstractmethod
     def student_path(self) -> str:
-        raise NotImplementedError
+        """The model that is trained."""
 
     @property
     def teacher_path(self) -> str | None:
+        return None
+
+    @property
+    def teacher_lora_path(self) -> str | None:
         return None
 
     @property
@@ -328,9 +296,11 @@ class TrainConfig:
         )
         need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         need(not self.keep_adapter or self.lora_r > 0, "--keep-adapter needs LoRA (--lora-r > 0)")
+        from todi.evaluation import parse_seeds
+
         try:
-            _parse_seeds(self.eval_seeds)
-        except ValueError as err:
+            parse_seeds(self.eval_seeds, "--eval-seeds")
+        except UsageError as err:
             out.append(str(err))
         for target in _report_targets(self.report_to):
             need(target in ("tensorboard", "wandb"), f"--report-to: unknown target {target!r}")
@@ -352,7 +322,7 @@ class TrainConfig:
 class SFTConfig(TrainConfig):
     """Fine-tune a causal LM on instruction data (cross-entropy on the response tokens)."""
 
-    model: str = _opt("", "model to fine-tune (required): a local folder or a Hugging Face Hub id")
+    model: str = option("", "model to fine-tune (required): a local folder or a Hugging Face Hub id")
 
     command = "sft"
 
@@ -371,31 +341,31 @@ class SFTConfig(TrainConfig):
 class DistillConfig(TrainConfig):
     """Distil a teacher into a student: (1 - kd_rate) CE + kd_rate divergence(teacher || student)."""
 
-    teacher: str = _opt(
+    teacher: str = option(
         "", "teacher (required unless --teacher-cache): a local folder (e.g. runs/teacher/final) or a Hub id"
     )
-    teacher_cache: str | None = _opt(
+    teacher_cache: str | None = option(
         None,
         "distil from a teacher cache written by `todi cache-teacher` instead of running --teacher "
         "(the dev loss is then the CE alone)",
     )
-    cache_tail: Literal["sampled", "bucket", "uniform"] = _opt(
+    cache_tail: Literal["sampled", "bucket", "uniform"] = option(
         "sampled",
         "with --teacher-cache: sampled = divergences on all tokens, the teacher's tail mass shared out by "
         "the tail tokens the cache drew; bucket = on the k stored tokens + one tail bucket (fastest); "
         "uniform = on all tokens, the tail mass spread evenly (see docs/performance.md)",
     )
-    student: str = _opt("", "student to train (required): a local folder or a Hub id")
-    teacher_lora: str | None = _opt(None, "PEFT adapter folder merged into the teacher when it loads")
-    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+    student: str = option("", "student to train (required): a local folder or a Hub id")
+    teacher_lora: str | None = option(None, "PEFT adapter folder merged into the teacher when it loads")
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "teacher dtype; auto = bfloat16 on GPUs, float32 on CPU"
     )
-    loss: str = _opt("todi", f"divergence: {', '.join(DIVERGENCES)}")
-    kd_rate: float = _opt(0.5, "weight of the divergence; 1 - kd_rate weighs the cross-entropy")
-    temperature: float = _opt(2.0, "temperature of both distributions inside the divergence")
-    beta: float | None = _opt(None, "ToDi: sharpness of the FKL/RKL weight (default 1.0)")
-    skew: float | None = _opt(None, "skl / srkl: mixing weight (default 0.1)")
-    mu: float | None = _opt(None, "akl: head/tail threshold (default 0.5)")
+    loss: str = option("todi", f"divergence: {', '.join(DIVERGENCES)}")
+    kd_rate: float = option(0.5, "weight of the divergence; 1 - kd_rate weighs the cross-entropy")
+    temperature: float = option(2.0, "temperature of both distributions inside the divergence")
+    beta: float | None = option(None, "ToDi: sharpness of the FKL/RKL weight (default 1.0)")
+    skew: float | None = option(None, "skl / srkl: mixing weight (default 0.1)")
+    mu: float | None = option(None, "akl: head/tail threshold (default 0.5)")
 
     command = "distill"
 
@@ -406,6 +376,10 @@ class DistillConfig(TrainConfig):
     @property
     def teacher_path(self) -> str | None:
         return self.teacher
+
+    @property
+    def teacher_lora_path(self) -> str | None:
+        return self.teacher_lora
 
     @property
     def teacher_cache_path(self) -> str | None:
@@ -452,22 +426,12 @@ class DistillConfig(TrainConfig):
         return out + super().problems()
 
 
-def _parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--eval-seeds must be comma-separated integers, got {text!r}") from None
-    if not seeds:
-        raise ValueError("--eval-seeds needs at least one seed")
-    return seeds
-
-
 def _report_targets(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
 
 
 # --------------------------------------------------------------------------------------------------
-# Entry points
+# Entry points and the loop
 # --------------------------------------------------------------------------------------------------
 
 
@@ -481,8 +445,104 @@ def run_distill(config: DistillConfig) -> None:
     train(config)
 
 
+def train(config: TrainConfig) -> Path:
+    """Run SFT (no teacher) or distillation; returns the folder of the final model (``OUT/final``)."""
+    config.check()  # built configs check themselves; this catches one changed since
+    accelerator = make_accelerator(config)
+    folder = OutputFolder(
+        config.out,
+        config.command,
+        inputs=config.inputs(),
+        overwrite=config.overwrite,
+        keep_on_failure=lambda path: bool(list_checkpoints(path)),
+    )
+    folder.check(reuse=config.resume)  # read-only: every rank may run it
+    with claimed(accelerator, folder):
+        return _train(config, accelerator, folder)
+
+
+def _train(config: TrainConfig, accelerator: Any, folder: OutputFolder) -> Path:
+    run_dir, device = folder.path, accelerator.device
+    best, final = run_dir / "best", run_dir / "final"  # the best dev checkpoint's model, the last one's
+    # ---- Setup: everything that can refuse the run comes before --out is touched.
+    cache = _open_teacher_cache(config)
+    data = _setup_data(config, accelerator, cache)
+    identity = run_identity(config, data.train_set)
+    changes = check_resume(run_dir, config, accelerator.num_processes, identity) if config.resume else {}
+    student = _setup_student(config, accelerator)
+    teacher = _setup_teacher(config, accelerator, data.tokenizer, student, cache)
+    model, optimizer, scheduler = _setup_optimizer(config, accelerator, student, teacher, data.total_steps)
+    _take_over_run_dir(config, accelerator, folder)
+    state = _resume(config, accelerator, run_dir, data.total_steps)
+    if accelerator.is_main_process:
+        append_segment(run_dir, config, accelerator, identity, changes, state.global_step)
+    reporter = _Reporter(run_dir, config, data.total_steps, state, accelerator.is_main_process)
+    window = _Window(device)
+    last_saved = state.global_step if list_checkpoints(run_dir) else -1
+    skips_in_a_row = 0
+
+    # ---- The loop: one iteration = one optimizer step over grad_accum x processes micro-batches.
+    model.train()
+    try:
+        with _StopRequest() as stop:
+            while state.global_step < data.total_steps:
+                step = data.plan.step(state)
+                sums = _forward_backward(config, accelerator, model, data, teacher, step)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                if _finite_step(accelerator, sums, grad_norm):
+                    optimizer.step()
+                    window.add(sums)
+                    skips_in_a_row = 0
+                else:  # nothing non-finite reaches the weights: stop, or skip this update and count it
+                    skips_in_a_row = _skip_or_stop(
+                        config, accelerator, state, sums, grad_norm, skips_in_a_row
+                    )
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                epoch_float, end_of_epoch = data.plan.advance(state, step)
+                window.tokens += data.plan.tokens(step)
+                reporter.advance(epoch_float)
+                done = state.global_step >= data.total_steps
+
+                if state.global_step % config.log_every == 0 or done:
+                    reporter.log(window.flush(accelerator, state, epoch_float, scheduler, grad_norm))
+                evaluate_now = bool(data.dev_set) and (
+                    (config.eval_every and state.global_step % config.eval_every == 0)
+                    or (not config.eval_every and end_of_epoch)
+                    or done
+                )
+                with window.paused():  # evaluation and checkpoints do not count for tokens/s
+                    if evaluate_now and state.evaluated_step != state.global_step:
+                        if _evaluate_on_dev(config, accelerator, model, data, state, reporter, epoch_float):
+                            _export(accelerator, model, data.pristine_tokenizer, best, config, final=False)
+                    else:
+                        state.dev, state.score = None, None
+                    stopping = any_rank(accelerator, stop.requested)
+                    saving = config.save_every and state.global_step % config.save_every == 0
+                    if saving or evaluate_now or done or stopping:
+                        last_saved = _checkpoint(config, accelerator, run_dir, state)
+                if stopping:
+                    reporter.write(
+                        f"stopped at step {state.global_step}; checkpoint saved, continue with --resume"
+                    )
+                    raise Stopped(stop.signum)
+
+        # ---- The final student as a plain Hugging Face folder.
+        if last_saved != state.global_step:
+            _checkpoint(config, accelerator, run_dir, state)
+        _export(accelerator, model, data.pristine_tokenizer, final, config, final=True)
+        if state.best_step is not None:
+            reporter.write(
+                f"best dev score {state.best_score:.4f} at step {state.best_step} (exported to {best})"
+            )
+        reporter.write(f"final model: {final}")
+        return final
+    finally:
+        reporter.close()
+
+
 # --------------------------------------------------------------------------------------------------
-# Pieces of the loop: batch plan, schedule, the loss module, evaluation, reporting
+# Setup: data, student, teacher, optimizer, run folder
 # --------------------------------------------------------------------------------------------------
 
 
@@ -503,6 +563,245 @@ def epoch_plan(
     return [batches[s * micro_per_step : (s + 1) * micro_per_step] for s in range(steps)]
 
 
+class _DataPlan:
+    """Which examples every optimizer step trains on (see :func:`epoch_plan`), and the data position."""
+
+    def __init__(self, train_set: Sequence[dict], config: TrainConfig, world_size: int) -> None:
+        self.lengths = [len(example["input_ids"]) for example in train_set]
+        self.supervised = [supervised_positions(example) for example in train_set]
+        self.options = {
+            "batch_size": config.batch_size,
+            "micro_per_step": config.grad_accum * world_size,
+            "seed": config.seed,
+            "grouping": config.group_by_length,
+        }
+        self._epoch, self._steps = -1, []
+        self.steps_per_epoch = len(self.epoch(0))
+
+    def epoch(self, epoch: int) -> list[list[list[int]]]:
+        if epoch != self._epoch:
+            self._steps, self._epoch = epoch_plan(self.lengths, epoch=epoch, **self.options), epoch
+        return self._steps
+
+    def step(self, state: TrainerState) -> list[list[int]]:
+        """The micro-batches (lists of example indices) of the step ``state`` stands before."""
+        return self.epoch(state.epoch)[state.step_in_epoch]
+
+    def supervised_tokens(self, step: list[list[int]]) -> int:
+        return sum(self.supervised[i] for micro in step for i in micro)
+
+    def tokens(self, step: list[list[int]]) -> int:
+        return sum(self.lengths[i] for micro in step for i in micro)
+
+    def advance(self, state: TrainerState, step: list[list[int]]) -> tuple[float, bool]:
+        """Move ``state`` past ``step``; returns the epoch reached (fractional) and whether it ended one."""
+        steps = len(self.epoch(state.epoch))
+        epoch_float = state.epoch + (state.step_in_epoch + 1) / steps
+        state.global_step += 1
+        state.step_in_epoch += 1
+        state.tokens_seen += self.supervised_tokens(step)
+        end_of_epoch = state.step_in_epoch == steps
+        if end_of_epoch:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        return epoch_float, end_of_epoch
+
+
+@dataclass
+class _Data:
+    tokenizer: Any  # with a pad token for batching
+    pristine_tokenizer: Any  # as loaded: exported with the model
+    collate: DataCollator
+    train_set: list[dict]
+    dev_examples: list[Any]
+    dev_set: list[dict]
+    plan: _DataPlan
+    total_steps: int
+
+    def batch(
+        self, indices: Sequence[int], device: torch.device, examples: Sequence[dict] | None = None
+    ) -> dict[str, Tensor]:
+        rows = self.train_set if examples is None else examples
+        return {k: v.to(device) for k, v in self.collate([rows[i] for i in indices]).items()}
+
+
+def _open_teacher_cache(config: TrainConfig) -> Any:
+    """The teacher cache of ``--teacher-cache`` (None without one); opened first: it is cheap, and a bad
+    one refuses the run before anything loads."""
+    if not config.teacher_cache_path:
+        return None
+    from todi.cache import TeacherCache
+
+    return TeacherCache(config.teacher_cache_path, tail_mode=config.cache_tail)
+
+
+def _setup_data(config: TrainConfig, accelerator: Any, cache: Any) -> _Data:
+    """Tokenizer(s), training and dev sets, the batch plan; data errors surface here, before any model."""
+    from todi.data import check_tokenizers, ensure_pad_token
+
+    tokenizer = load_tokenizer(config.student_path, trust_remote_code=config.trust_remote_code)
+    if config.teacher_path:
+        teacher_tokenizer = load_tokenizer(config.teacher_path, trust_remote_code=config.trust_remote_code)
+        check_tokenizers(teacher_tokenizer, tokenizer)
+    # Exported as loaded: a pad token added for batching would make the exported teacher's tokenizer
+    # differ from its student's (check_tokenizers compares pad ids) in the next `todi distill`.
+    pristine_tokenizer = copy.deepcopy(tokenizer)
+    pad_id = ensure_pad_token(tokenizer)
+    train_set, dev_examples, dev_set = _load_data(config, tokenizer)
+    if cache is not None:
+        cache.check(
+            tokenizer=pristine_tokenizer,
+            encoded=train_set,
+            template=config.template,
+            max_length=config.max_length,
+            max_prompt_length=config.max_prompt_length,
+            data=config.data,
+        )
+    plan = _DataPlan(train_set, config, accelerator.num_processes)
+    if plan.steps_per_epoch == 0:
+        micro_per_step = plan.options["micro_per_step"]
+        raise UsageError(
+            f"{len(train_set)} training examples do not fill one optimizer step of {micro_per_step} "
+            f"micro-batches of {config.batch_size}",
+            "lower --batch-size or --grad-accum, or use more data",
+        )
+    collate = DataCollator(pad_id, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)
+    total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
+    return _Data(tokenizer, pristine_tokenizer, collate, train_set, dev_examples, dev_set, plan, total_steps)
+
+
+def _load_data(config: TrainConfig, tokenizer: Any) -> tuple[list[dict], list[Any], list[dict]]:
+    """(encoded train set, dev examples, encoded dev set); data errors surface here, before any model."""
+    from todi.data import check_template, encode_examples, load_examples
+
+    check_template(config.template, tokenizer)
+    lengths = {
+        "template": config.template,
+        "max_prompt_length": config.max_prompt_length,
+        "max_length": config.max_length,
+    }
+    examples = load_examples(config.data, "train", max_examples=config.max_examples)
+    train_set, _ = encode_examples(examples, tokenizer, **lengths)
+    dev_examples: list[Any] = []
+    dev_set: list[dict] = []
+    if config.dev:
+        dev_examples = load_examples(config.dev, "dev", max_examples=config.dev_max_examples)
+        dev_set, _ = encode_examples(dev_examples, tokenizer, **lengths)
+    return train_set, dev_examples, dev_set
+
+
+def _setup_student(config: TrainConfig, accelerator: Any) -> nn.Module:
+    """The trained model (optionally with LoRA), in ``--dtype``; its weights must be finite."""
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)  # LoRA initialisation and dropout; a resume restores the RNG states later
+    student = _build_student(config, resolve_dtype(config.dtype, accelerator.device))
+    check_finite_parameters(student, f"student {config.student_path}")
+    trainable, total = count_parameters(student)
+    logger.info(
+        "student %s: %.1fM of %.1fM parameters trainable", config.student_path, trainable / 1e6, total / 1e6
+    )
+    return student
+
+
+def _build_student(config: TrainConfig, dtype: torch.dtype) -> nn.Module:
+    student = load_causal_lm(config.student_path, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    if config.lora_r:
+        student = add_lora(
+            student,
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            target=config.lora_target,
+        )
+    return student
+
+
+@dataclass
+class _Teacher:
+    """Where the teacher's distributions come from: a frozen model run beside the student, a cache of its
+    outputs, or nothing (SFT)."""
+
+    model: nn.Module | None
+    cache: Any  # a todi.cache.TeacherCache, or None
+    vocab_size: int | None  # the vocabulary both sides share (the loss slices padded heads to it)
+
+    def for_batch(self, indices: Sequence[int], device: torch.device) -> SparseTeacher | None:
+        """The cached teacher rows of these examples; None when the model (or nobody) is the teacher."""
+        return None if self.cache is None else self.cache.rows(list(indices)).to(device)
+
+
+def _setup_teacher(
+    config: TrainConfig, accelerator: Any, tokenizer: Any, student: nn.Module, cache: Any
+) -> _Teacher:
+    """The frozen teacher model (replicated on every rank, never in the optimizer), or the cache."""
+    student_head = causal_lm(student).get_output_embeddings().weight.shape[0]
+    model, vocab_size = None, None
+    if config.teacher_path:
+        with replicated_loading(accelerator):
+            model = load_causal_lm(
+                config.teacher_path,
+                dtype=resolve_dtype(config.teacher_dtype, accelerator.device, auto=torch.bfloat16),
+                trust_remote_code=config.trust_remote_code,
+                adapter=config.teacher_lora_path,
+            )
+        check_finite_parameters(model, f"teacher {config.teacher_path}", "--teacher-dtype")
+        model = freeze(model).to(accelerator.device)
+        from todi.data import shared_vocab_size
+
+        vocab_size = shared_vocab_size(tokenizer, student_head, model.get_output_embeddings().weight.shape[0])
+        if config.loss_options()["kd_rate"] == 0:
+            logger.warning("--kd-rate 0: the teacher is loaded but does not contribute to the loss")
+    if cache is not None:
+        from todi.data import shared_vocab_size
+
+        vocab_size = shared_vocab_size(tokenizer, student_head)
+        if vocab_size != cache.vocab_size:
+            raise UsageError(
+                f"the student's tokenizer has {vocab_size} tokens but teacher cache {config.teacher_cache_path} "
+                f"covers {cache.vocab_size}",
+                "use a student with the teacher's tokenizer",
+            )
+    return _Teacher(model, cache, vocab_size)
+
+
+def _setup_optimizer(
+    config: TrainConfig, accelerator: Any, student: nn.Module, teacher: _Teacher, total_steps: int
+) -> tuple[nn.Module, Any, Any]:
+    """The student with its objective (:class:`LossModule`), AdamW and the cosine schedule, prepared by
+    accelerate (DDP / FSDP / DeepSpeed wrap them here)."""
+    from todi.losses import causal_lm_distillation_loss
+
+    loss_fn = functools.partial(
+        causal_lm_distillation_loss,
+        **config.loss_options(),
+        chunk_size=config.chunk_size,
+        vocab_size=teacher.vocab_size,
+        compile=config.compile,
+    )
+    model = LossModule(student, teacher.model, loss_fn)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+    schedule = cosine_schedule(config.warmup_steps, total_steps, config.min_lr / config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    module = accelerator.unwrap_model(model)
+    module.fused = config.fused
+    if config.fused:
+        reason = prepare_fused_head(accelerator, model)
+        if reason:
+            logger.warning("fused loss disabled: %s; computing the loss on materialised logits", reason)
+            module.fused = False
+    return model, optimizer, scheduler
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not on norms and biases), the usual choice for transformers."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
 def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
     """LR multiplier for step ``step``: linear warm-up to 1, then cosine decay to ``min_ratio``."""
 
@@ -515,6 +814,41 @@ def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float) -> Ca
     # A plain function on purpose: LambdaLR checkpoints the __dict__ of callable objects, which would
     # pin total_steps on resume; a function is rebuilt from the current options instead.
     return factor
+
+
+def _take_over_run_dir(config: TrainConfig, accelerator: Any, folder: OutputFolder) -> None:
+    """The inputs have loaded: only now may an old run in --out be set aside (--overwrite), and the run's
+    options be recorded."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        folder.replace_old()
+        write_run_info(folder.path, config, accelerator)
+    accelerator.wait_for_everyone()
+
+
+def _resume(config: TrainConfig, accelerator: Any, run_dir: Path, total_steps: int) -> TrainerState:
+    """With --resume: weights, optimizer, scheduler, RNG states and the data position of the newest usable
+    checkpoint; else a fresh state."""
+    if not config.resume:
+        return TrainerState()
+    loaded = load_latest_checkpoint(accelerator, run_dir)
+    if loaded is None:
+        logger.info("--resume: %s has no checkpoint yet; starting from step 0", run_dir)
+        return TrainerState()
+    state, path = loaded
+    logger.info("resumed from %s (step %d, epoch %d)", path, state.global_step, state.epoch)
+    if state.global_step > total_steps:
+        raise UsageError(
+            f"--resume: the run in {run_dir} is already at step {state.global_step}, past the "
+            f"{total_steps} steps this command asks for",
+            f"raise --max-steps (or --epochs) to train longer; its final model is in {run_dir / 'final'}",
+        )
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces of a step: forward/backward, the finite check, metrics, dev evaluation, checkpoints
+# --------------------------------------------------------------------------------------------------
 
 
 class LossModule(nn.Module):
@@ -560,56 +894,277 @@ class LossModule(nn.Module):
         )
 
 
-def _is_sharded(accelerator: Any) -> bool:
-    """Whether parameters are split over ranks (FSDP, ZeRO-3): then only collectives can read them whole."""
-    from accelerate.utils import DistributedType
+def _forward_backward(
+    config: TrainConfig,
+    accelerator: Any,
+    model: nn.Module,
+    data: _Data,
+    teacher: _Teacher,
+    step: list[list[int]],
+) -> _Sums:
+    """This rank's micro-batches of the step: forward, backward (gradients accumulate); their loss parts."""
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    num_items = data.plan.supervised_tokens(step)
+    # The loss is normalised by the supervised tokens of the whole global step (all micro-batches and
+    # ranks); accelerate divides it by grad_accum and DDP averages gradients over ranks, so scaling by
+    # both makes the update the gradient of exactly that normalised loss, whatever the split.
+    loss_scale = config.grad_accum * world
+    sums = _Sums.zeros(device)
+    for micro in step[rank::world]:
+        batch = data.batch(micro, device)
+        rows = teacher.for_batch(micro, device)
+        # accumulate() skips the gradient all-reduce on all but the last micro-batch.
+        with accelerator.accumulate(model):
+            out = model(batch, num_items_in_batch=num_items, teacher_rows=rows)
+            accelerator.backward(out.loss * loss_scale)
+        sums.add(out)
+    return sums
 
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return (
-        accelerator.distributed_type == DistributedType.DEEPSPEED
-        and plugin is not None
-        and plugin.zero_stage == 3
+
+@dataclass
+class _Sums:
+    """Loss parts summed over micro-batches (and steps), in float64 on the device: reading them back each
+    micro-batch would stall a GPU."""
+
+    loss: Tensor
+    ce: Tensor
+    kd: Tensor
+    fkl_share_x_tokens: Tensor  # ToDi's FKL share (LossOutput.todi_weight) times the tokens it averages
+    todi_tokens: Tensor  # the tokens that have a ToDi weight (none for other divergences)
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> _Sums:
+        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(5)))
+
+    def add(self, out: LossOutput) -> None:
+        self.loss += out.loss.detach().double()
+        self.ce += out.ce.double()
+        self.kd += out.kd.double()
+        if out.todi_weight is not None:
+            tokens = out.loss.new_tensor(float(out.num_tokens))
+            self.fkl_share_x_tokens += (out.todi_weight.detach() * tokens).double()
+            self.todi_tokens += tokens.double()
+
+    def __iadd__(self, other: _Sums) -> _Sums:
+        for name in self.__dataclass_fields__:
+            getattr(self, name).add_(getattr(other, name))
+        return self
+
+    def finite(self) -> Tensor:
+        return torch.isfinite(torch.stack([self.loss, self.ce, self.kd])).all()
+
+    def over_ranks(self, accelerator: Any) -> dict[str, float]:
+        values = torch.stack([getattr(self, name) for name in self.__dataclass_fields__]).tolist()
+        return dict(zip(self.__dataclass_fields__, sum_over_ranks(accelerator, values)))
+
+
+class _Window:
+    """The training metrics of the steps since the last log line."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums, self.steps, self.tokens, self.start = _Sums.zeros(self.device), 0, 0, time.perf_counter()
+
+    def add(self, sums: _Sums) -> None:
+        self.sums += sums
+        self.steps += 1
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent in the block does not count for tokens/s."""
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - paused
+
+    def flush(
+        self, accelerator: Any, state: TrainerState, epoch: float, scheduler: Any, grad_norm: Any
+    ) -> dict[str, Any]:
+        """The window's record for metrics.jsonl (means per applied step), then a new window."""
+        sums = self.sums.over_ranks(accelerator)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+
+        def per_step(value: float) -> float:
+            return value / self.steps if self.steps else math.nan  # every step skipped (--nan-policy skip)
+
+        record = {
+            "step": state.global_step,
+            "epoch": round(epoch, 4),
+            "lr": scheduler.get_last_lr()[0],
+            "loss": per_step(sums["loss"]),
+            "ce": per_step(sums["ce"]),
+            "kd": per_step(sums["kd"]),
+            "todi_weight": sums["fkl_share_x_tokens"] / sums["todi_tokens"] if sums["todi_tokens"] else None,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": self.tokens / elapsed,
+            "peak_mem": _peak_memory_mib(),
+        }
+        if state.extra.get("skipped_steps"):
+            record["skipped_steps"] = state.extra["skipped_steps"]
+        self._reset()
+        return record
+
+
+def _finite_step(accelerator: Any, sums: _Sums, grad_norm: Tensor | float | None) -> bool:
+    """Whether this step's loss (and gradient norm) are finite on every rank. Under fp16 loss scaling an
+    infinite gradient norm is the scaler's business (it skips the step and lowers the scale)."""
+    finite = sums.finite()
+    if grad_norm is not None and getattr(accelerator, "scaler", None) is None:
+        finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=finite.device)).all()
+    return not any_rank(accelerator, not bool(finite))
+
+
+def _skip_or_stop(
+    config: TrainConfig,
+    accelerator: Any,
+    state: TrainerState,
+    sums: _Sums,
+    grad_norm: Any,
+    skips_in_a_row: int,
+) -> int:
+    """A non-finite step: raise (``--nan-policy stop``, or too many in a row), else count it as skipped.
+    Returns the new count of skips in a row."""
+    skips_in_a_row += 1
+    error = _non_finite_error(config, accelerator, state, float(sums.loss), grad_norm)
+    if config.nan_policy == "stop" or skips_in_a_row >= _MAX_SKIPS_IN_A_ROW:
+        raise error
+    state.extra["skipped_steps"] = state.extra.get("skipped_steps", 0) + 1
+    logger.warning("%s; update skipped (--nan-policy skip)", error)
+    return skips_in_a_row
+
+
+def _non_finite_error(
+    config: TrainConfig, accelerator: Any, state: TrainerState, loss: float, grad_norm: Any
+) -> NonFiniteError:
+    norm = "?" if grad_norm is None else f"{float(grad_norm):.4g}"
+    causes = []
+    if config.lr > 1e-2:
+        causes.append(f"--lr {config.lr:g} is far above the usual 1e-5..1e-3")
+    if accelerator.mixed_precision == "fp16":
+        causes.append("float16 overflow (use bf16, or float32)")
+    causes.append("NaN/inf in the data or in a model's outputs (a teacher in float16 overflows)")
+    saved = list_checkpoints(config.out)
+    resume = f"--resume continues from {saved[-1].name}" if saved else "no checkpoint was written yet"
+    return NonFiniteError(
+        f"step {state.global_step + 1}: the loss is {loss:.4g} and the gradient norm {norm}; the update was "
+        "not applied, so no weights with NaN/inf were written",
+        f"likely causes: {'; '.join(causes)}. Fix it and rerun ({resume}), or pass --nan-policy skip to "
+        "skip such steps",
     )
 
 
-def _prepare_fused_head(accelerator: Any, model: nn.Module) -> str | None:
-    """Make the fused loss read the whole output head under sharding; the reason it cannot, else None.
+def _evaluate_on_dev(
+    config: TrainConfig,
+    accelerator: Any,
+    model: nn.Module,
+    data: _Data,
+    state: TrainerState,
+    reporter: _Reporter,
+    epoch: float,
+) -> bool:
+    """Score the dev set now, record it in ``state`` and the logs; True when it is the best score yet."""
+    started = time.perf_counter()
+    results = _dev_scores(config, accelerator, model, data)
+    state.dev = results
+    state.evaluated_step = state.global_step
+    state.score = results.get("dev_rougeL", -results["dev_loss"])
+    reporter.log({"step": state.global_step, "epoch": round(epoch, 4), **results}, "dev")
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items())
+    reporter.write(f"step {state.global_step} dev: {shown} ({time.perf_counter() - started:.0f} s)")
+    if state.best_score is None or state.score > state.best_score:
+        state.best_score, state.best_step = state.score, state.global_step
+        return True
+    return False
 
-    ZeRO-3 gathers a module's parameters only around that module's own forward, and the fused loss
-    reads the head weight after the head's forward has returned: registering it as an external parameter
-    of the root module makes DeepSpeed keep it gathered for the root's whole forward. FSDP already
-    unshards the root unit inside LossModule.forward, unless the wrapping policy gave the head a unit of
-    its own (then its weight is a shard outside its forward).
-    """
-    from accelerate.utils import DistributedType
 
-    if not _is_sharded(accelerator):
-        return None
-    root = accelerator.unwrap_model(model)
-    head = causal_lm(root.student).get_output_embeddings()
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        try:
-            import deepspeed
+def _dev_scores(config: TrainConfig, accelerator: Any, model: nn.Module, data: _Data) -> dict[str, float]:
+    """Dev loss (objective, CE and KD per supervised token) and dev ROUGE-L of sampled answers (x100),
+    each shared out over ranks and summed. The training RNG streams are left as they were."""
+    from todi.evaluation import GenerationSettings, dev_rouge, parse_seeds
 
-            for param in (head.weight, getattr(head, "bias", None)):
-                if param is not None:
-                    deepspeed.zero.register_external_parameter(root, param)
-        except Exception as err:  # an old DeepSpeed or a model layout it cannot hook
-            return f"could not register the output head with ZeRO-3 ({type(err).__name__}: {err})"
-        return None
-    import torch.distributed.fsdp as fsdp
+    model.eval()
+    with _keep_rng(), torch.no_grad():
+        results = _dev_loss(config, accelerator, model, data)
+        if is_sharded(accelerator):
+            # Sampling runs each rank's own number of forwards, which sharded parameters cannot serve.
+            logger.warning("dev ROUGE-L is skipped under FSDP / ZeRO-3; checkpoints are ranked by dev loss")
+        else:
+            shard = list(data.dev_examples[accelerator.process_index :: accelerator.num_processes])
+            score = 0.0
+            if shard:
+                with accelerator.autocast():
+                    score = dev_rouge(
+                        accelerator.unwrap_model(model).student,
+                        data.tokenizer,
+                        shard,
+                        seeds=parse_seeds(config.eval_seeds, "--eval-seeds"),
+                        settings=GenerationSettings(
+                            max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size
+                        ),
+                        template=config.template,
+                        max_prompt_length=config.max_prompt_length,
+                    )
+            (total,) = sum_over_ranks(accelerator, [score * len(shard)])
+            results["dev_rougeL"] = total / len(data.dev_examples)
+    model.train()
+    return results
 
-    # FSDP1 wraps units in FullyShardedDataParallel; FSDP2 (fully_shard) turns them into FSDPModule.
-    names = ("FullyShardedDataParallel", "FSDPModule")
-    units = tuple(cls for cls in (getattr(fsdp, name, None) for name in names) if cls is not None)
-    for module in model.modules():
-        if module is model or module is root or not isinstance(module, units):
-            continue
-        if any(sub is head for sub in module.modules()):
-            return "the FSDP wrapping policy puts the output head into its own unit, so it is a shard there"
-    return None
+
+def _dev_loss(config: TrainConfig, accelerator: Any, model: nn.Module, data: _Data) -> dict[str, float]:
+    """Every rank runs the same number of forward passes (DDP / FSDP forwards hold collectives): ranks with
+    no batch left repeat one and discard it. Under a teacher cache (no dev rows) the CE alone."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    dev_set = data.dev_set
+    order = sorted(range(len(dev_set)), key=lambda i: -len(dev_set[i]["input_ids"]))
+    batches = [order[s : s + config.batch_size] for s in range(0, len(order), config.batch_size)]
+    total = sum(supervised_positions(example) for example in dev_set)
+    mine = batches[rank::world]
+    sums = [0.0, 0.0, 0.0]
+    ce_only = config.teacher_cache_path is not None
+    for i in range(math.ceil(len(batches) / world)):
+        indices = mine[i] if i < len(mine) else batches[0]
+        out = model(
+            data.batch(indices, accelerator.device, dev_set), num_items_in_batch=total, ce_only=ce_only
+        )
+        if i < len(mine):
+            sums = [sums[0] + float(out.loss), sums[1] + float(out.ce), sums[2] + float(out.kd)]
+    loss, ce, kd = sum_over_ranks(accelerator, sums)
+    return {"dev_loss": loss, "dev_ce": ce} if ce_only else {"dev_loss": loss, "dev_ce": ce, "dev_kd": kd}
+
+
+def _checkpoint(config: TrainConfig, accelerator: Any, run_dir: Path, state: TrainerState) -> int:
+    """Save a checkpoint of this step (collective) and rotate the old ones; returns the step saved."""
+    save_checkpoint(accelerator, run_dir, state)
+    if accelerator.is_main_process:
+        rotate_checkpoints(run_dir, keep_last=config.keep_last, keep_best=config.save_best)
+    return state.global_step
+
+
+def _export(
+    accelerator: Any, model: nn.Module, tokenizer: Any, path: Path, config: TrainConfig, *, final: bool
+) -> None:
+    """Write a plain Hugging Face folder of the student (collective under FSDP / ZeRO-3)."""
+    student = accelerator.unwrap_model(model).student
+    merge = config.lora_r > 0 and not config.keep_adapter
+    if is_sharded(accelerator):
+        state_dict = accelerator.get_state_dict(model)  # gathers the full weights on the main process
+        if accelerator.is_main_process:
+            state_dict = {k.removeprefix("student."): v for k, v in state_dict.items()}
+            if merge:
+                # Merging needs whole weights: rebuild the LoRA student on the CPU and load the gathered ones.
+                with replicated_loading(accelerator):
+                    cpu_student = _build_student(config, torch.float32)
+                cpu_student.load_state_dict(state_dict)
+                export_model(cpu_student, tokenizer, path, merge_lora=True)
+            else:
+                export_model(student, tokenizer, path, merge_lora=False, state_dict=state_dict)
+    elif accelerator.is_main_process:
+        export_model(student, tokenizer, path, merge_lora=merge, copy_before_merge=not final)
+    accelerator.wait_for_everyone()
 
 
 @contextmanager
@@ -634,12 +1189,9 @@ def _peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _sum_over_ranks(accelerator: Any, values: list[float]) -> list[float]:
-    if accelerator.num_processes == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
+# --------------------------------------------------------------------------------------------------
+# Reporting and stopping
+# --------------------------------------------------------------------------------------------------
 
 
 class _Reporter:
@@ -761,746 +1313,3 @@ class _StopRequest:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-# --------------------------------------------------------------------------------------------------
-# Setup helpers (all run before any model weights are loaded)
-# --------------------------------------------------------------------------------------------------
-
-
-def _make_accelerator(config: TrainConfig) -> Any:
-    from accelerate import Accelerator
-
-    cuda = torch.cuda.is_available()
-    mixed = config.mixed_precision
-    if mixed == "auto":
-        mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
-            "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-        )
-    if mixed == "fp16" and not cuda:
-        # accelerate would silently train in float32 on a CPU.
-        source = (
-            "--mixed-precision fp16" if config.mixed_precision == "fp16" else "the accelerate config's fp16"
-        )
-        raise UsageError(f"{source} needs a GPU; this machine has none", "use --mixed-precision no or bf16")
-    accelerator = Accelerator(
-        cpu=not cuda,
-        mixed_precision=mixed,
-        gradient_accumulation_steps=config.grad_accum,
-        # The schedule counts optimizer steps; accelerate would otherwise step it once per process.
-        step_scheduler_with_optimizer=False,
-    )
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:
-        # DeepSpeed reads the micro-batch size from a prepared DataLoader, and todi batches on its own.
-        ds = plugin.deepspeed_config
-        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-            ds["train_micro_batch_size_per_gpu"] = config.batch_size
-        if ds.get("gradient_clipping", "auto") == "auto":
-            ds["gradient_clipping"] = config.max_grad_norm
-    if not accelerator.is_main_process:
-        logging.getLogger("todi").setLevel(logging.WARNING)
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        # accelerate logs every file of every checkpoint at INFO; keep the console to todi's own lines.
-        logging.getLogger("accelerate").setLevel(logging.WARNING)
-        # Tied embeddings (GPT-2) are stored once in safetensors and re-tied on load, as intended: the
-        # warning would repeat at every checkpoint. Resume tests check the reloaded weights are exact.
-        logging.getLogger("accelerate.utils.other").addFilter(_drop_shared_tensor_warning)
-    return accelerator
-
-
-def _drop_shared_tensor_warning(record: logging.LogRecord) -> bool:
-    return "Removed shared tensor" not in record.getMessage()
-
-
-@contextmanager
-def _claimed(accelerator: Any, folder: OutputFolder) -> Iterator[None]:
-    """The main process holds the lock on --out for the whole run (see :mod:`todi.outputs`); the other
-    ranks learn whether it got it, so that none waits in a collective for a rank that gave up."""
-    with contextlib.ExitStack() as stack:
-        error: TodiError | None = None
-        if accelerator.is_main_process:
-            try:
-                stack.enter_context(folder.held())
-            except TodiError as err:
-                error = err
-        if any_rank(accelerator, error is not None):
-            raise error or TodiError(f"the main process could not lock {folder.path}", "see its error")
-        yield
-
-
-def _run_identity(config: TrainConfig, train_set: Sequence[dict]) -> dict[str, str]:
-    """What the run's inputs hold (not just their names): a resumed run must continue on the same ones."""
-    identity = {"data": _data_digest(train_set), "student": model_identity(config.student_path)}
-    if config.teacher_path:
-        identity["teacher"] = model_identity(config.teacher_path)
-    lora = getattr(config, "teacher_lora", None)
-    if lora:
-        identity["teacher_lora"] = model_identity(lora)
-    if config.teacher_cache_path:
-        manifest = Path(config.teacher_cache_path) / "manifest.json"
-        identity["teacher_cache"] = "sha256:" + hashlib.sha256(manifest.read_bytes()).hexdigest()
-    return identity
-
-
-def _data_digest(encoded: Sequence[dict]) -> str:
-    """SHA-256 of the encoded training set (token ids and labels): the data as the model sees it, so a
-    file replaced at the same path, or another template, changes it."""
-    digest = hashlib.sha256()
-    for example in encoded:
-        for key in ("input_ids", "labels"):
-            digest.update(array.array("q", example[key]).tobytes())
-            digest.update(b";")
-    return "sha256:" + digest.hexdigest()
-
-
-def _recorded_options(config: TrainConfig) -> dict[str, Any]:
-    # How this invocation treated --out is not part of the run.
-    return {
-        k: v
-        for k, v in dataclasses.asdict(config).items()
-        if k not in ("resume", "resume_changed", "overwrite")
-    }
-
-
-def _last_segment(run_dir: Path) -> dict[str, Any] | None:
-    """The options and identity the run in ``run_dir`` last trained with: its newest segment, or for a run
-    written before segments were recorded, config.yaml (options only)."""
-    segments = run_dir / SEGMENTS_NAME
-    if segments.is_file():
-        for line in reversed(segments.read_text(encoding="utf-8").splitlines()):
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict) and isinstance(record.get("options"), dict):
-                    return record
-    saved = run_dir / CONFIG_NAME
-    if saved.is_file():
-        import yaml
-
-        options = yaml.safe_load(saved.read_text(encoding="utf-8"))
-        if isinstance(options, dict):
-            info = _read_json(run_dir / RUN_INFO_NAME)
-            return {
-                "options": options,
-                "command": info.get("command"),
-                "micro_batches_per_step": info.get("micro_batches_per_step"),
-            }
-    return None
-
-
-def _check_resume(
-    run_dir: Path, config: TrainConfig, world_size: int, identity: dict[str, str]
-) -> dict[str, list[Any]]:
-    """Refuse a --resume that would continue another run; return the changes it carries (option ->
-    [before, now]). Read-only, so every rank can run it before the main one writes anything."""
-    last = _last_segment(run_dir)
-    if last is None:
-        if list_checkpoints(run_dir):
-            raise UsageError(
-                f"--resume: {run_dir} holds checkpoints but no record of its options ({SEGMENTS_NAME} or "
-                f"{CONFIG_NAME})",
-                "start a new run in another --out",
-            )
-        return {}
-    old, new = last["options"], _recorded_options(config)
-    fixed = [
-        f"{k} ({old[k]!r} before, {new[k]!r} now)"
-        for k in _LOCKED_ON_RESUME
-        if k in old and k in new and old[k] != new[k]
-    ]
-    command = last.get("command") or read_marker(run_dir).get("command")
-    if command and command != config.command:
-        fixed.insert(0, f"the command (todi {command} before, todi {config.command} now)")
-    per_step = last.get("micro_batches_per_step")
-    if per_step is not None and per_step != config.grad_accum * world_size:
-        fixed.append(f"grad_accum x processes ({per_step} before, {config.grad_accum * world_size} now)")
-    if fixed:
-        raise UsageError(
-            f"--resume: options that fix the data order or the model changed: {', '.join(fixed)}",
-            f"resume with the options in {run_dir / CONFIG_NAME}, or start a new run",
-        )
-    changes = {
-        k: [old[k], new[k]]
-        for k in new
-        if k in old and old[k] != new[k] and k not in _FREE_ON_RESUME and k not in _LOCKED_ON_RESUME
-    }
-    before = last.get("identity") or {}
-    for key, value in identity.items():
-        if key in before and before[key] != value:
-            changes[f"{key} contents"] = [before[key], value]
-    if not before:
-        logger.warning(
-            "--resume: %s was written by an older todi that did not record what its teacher, student and "
-            "data held; only the options are checked",
-            run_dir,
-        )
-    if changes and not config.resume_changed:
-        shown = "; ".join(
-            f"{k} (the files changed)" if k.endswith(" contents") else f"{k} {a!r} -> {b!r}"
-            for k, (a, b) in changes.items()
-        )
-        raise UsageError(
-            f"--resume would continue the run in {run_dir} with other inputs or settings: {shown}",
-            "resume with the run's own options (see its segments.jsonl / config.yaml), start a new run, or "
-            "pass --resume-changed to continue with these changes on purpose (they are recorded)",
-        )
-    if changes:
-        logger.warning("--resume-changed: continuing with changes: %s", ", ".join(changes))
-    return changes
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _init_run_dir(run_dir: Path, config: TrainConfig, accelerator: Any) -> None:
-    """Main process: a new run records its options (config.yaml, reusable as --config) and versions; a
-    resumed one keeps them (each segment is appended to segments.jsonl instead)."""
-    import yaml
-
-    remove_stale(run_dir)
-    if (run_dir / CONFIG_NAME).is_file() and config.resume:
-        return
-    options = _recorded_options(config)
-    write_text_atomic(run_dir / CONFIG_NAME, yaml.safe_dump(options, sort_keys=False))
-    info = {"command": config.command, **_environment(accelerator, config)}
-    write_text_atomic(run_dir / RUN_INFO_NAME, json.dumps(info, indent=2) + "\n")
-
-
-def _environment(accelerator: Any, config: TrainConfig) -> dict[str, Any]:
-    import accelerate
-    import transformers
-
-    import todi
-
-    return {
-        "versions": {
-            "todi": todi.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__,
-        },
-        "world_size": accelerator.num_processes,
-        "micro_batches_per_step": config.grad_accum * accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type),
-        "mixed_precision": accelerator.mixed_precision,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def _append_segment(
-    run_dir: Path,
-    config: TrainConfig,
-    accelerator: Any,
-    identity: dict[str, str],
-    changes: dict[str, list[Any]],
-    from_step: int,
-) -> None:
-    """One line per invocation that trained this run: its options, inputs' identity and what changed."""
-    record = {
-        "command": config.command,
-        "from_step": from_step,
-        **_environment(accelerator, config),
-        "options": _recorded_options(config),
-        "identity": identity,
-        "changed": changes,
-    }
-    with (run_dir / SEGMENTS_NAME).open("a", encoding="utf-8") as file:
-        file.write(json.dumps(record, default=str) + "\n")
-
-
-def _finite_step(accelerator: Any, step_sums: Tensor, grad_norm: Tensor | float | None) -> bool:
-    """Whether this step's loss (and gradient norm) are finite on every rank. Under fp16 loss scaling an
-    infinite gradient norm is the scaler's business (it skips the step and lowers the scale)."""
-    finite = torch.isfinite(step_sums[:3]).all()
-    if grad_norm is not None and getattr(accelerator, "scaler", None) is None:
-        finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=finite.device)).all()
-    return not any_rank(accelerator, not bool(finite))
-
-
-def _non_finite_error(
-    config: TrainConfig,
-    accelerator: Any,
-    state: TrainerState,
-    step_sums: Tensor,
-    grad_norm: Tensor | float | None,
-    run_dir: Path,
-) -> NonFiniteError:
-    loss = float(step_sums[0])
-    norm = "?" if grad_norm is None else f"{float(grad_norm):.4g}"
-    causes = []
-    if config.lr > 1e-2:
-        causes.append(f"--lr {config.lr:g} is far above the usual 1e-5..1e-3")
-    if accelerator.mixed_precision == "fp16":
-        causes.append("float16 overflow (use bf16, or float32)")
-    causes.append("NaN/inf in the data or in a model's outputs (a teacher in float16 overflows)")
-    saved = list_checkpoints(run_dir)
-    resume = f"--resume continues from {saved[-1].name}" if saved else "no checkpoint was written yet"
-    return NonFiniteError(
-        f"step {state.global_step + 1}: the loss is {loss:.4g} and the gradient norm {norm}; the update was "
-        "not applied, so no weights with NaN/inf were written",
-        f"likely causes: {'; '.join(causes)}. Fix it and rerun ({resume}), or pass --nan-policy skip to "
-        "skip such steps",
-    )
-
-
-def _load_data(config: TrainConfig, tokenizer: Any) -> tuple[list[dict], list[Any], list[dict]]:
-    """(encoded train set, dev examples, encoded dev set); data errors surface here, before any model."""
-    from todi.data import check_template, encode_examples, load_examples
-
-    check_template(config.template, tokenizer)
-    lengths = {
-        "template": config.template,
-        "max_prompt_length": config.max_prompt_length,
-        "max_length": config.max_length,
-    }
-    examples = load_examples(config.data, "train", max_examples=config.max_examples)
-    train_set, _ = encode_examples(examples, tokenizer, **lengths)
-    dev_examples: list[Any] = []
-    dev_set: list[dict] = []
-    if config.dev:
-        dev_examples = load_examples(config.dev, "dev", max_examples=config.dev_max_examples)
-        dev_set, _ = encode_examples(dev_examples, tokenizer, **lengths)
-    return train_set, dev_examples, dev_set
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not on norms and biases), the usual choice for transformers."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation and export
-# --------------------------------------------------------------------------------------------------
-
-
-def _evaluate(
-    accelerator: Any,
-    model: nn.Module,
-    tokenizer: Any,
-    collate: Callable[[list[dict]], dict[str, Tensor]],
-    dev_examples: Sequence[Any],
-    dev_set: Sequence[dict],
-    config: TrainConfig,
-) -> dict[str, float]:
-    """Dev loss (objective, CE and KD per supervised token) and dev ROUGE-L of sampled answers (x100).
-
-    Both are shared out over ranks and summed; every rank runs the same number of forward passes, as
-    DDP / FSDP forwards hold collectives.
-    """
-    from todi.evaluation import GenerationSettings, evaluate_model
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    results: dict[str, float] = {}
-    model.eval()
-    with _keep_rng(), torch.no_grad():
-        order = sorted(range(len(dev_set)), key=lambda i: -len(dev_set[i]["input_ids"]))
-        batches = [order[s : s + config.batch_size] for s in range(0, len(order), config.batch_size)]
-        total = sum(supervised_positions(example) for example in dev_set)
-        mine = batches[rank::world]
-        rounds = math.ceil(len(batches) / world)
-        sums = [0.0, 0.0, 0.0]
-        ce_only = bool(getattr(config, "teacher_cache", None))
-        for i in range(rounds):
-            # Ranks with no batch left repeat one and discard it, to keep forwards in lockstep.
-            idx = mine[i] if i < len(mine) else batches[0]
-            batch = {k: v.to(accelerator.device) for k, v in collate([dev_set[j] for j in idx]).items()}
-            out = model(batch, num_items_in_batch=total, ce_only=ce_only)
-            if i < len(mine):
-                sums = [sums[0] + float(out.loss), sums[1] + float(out.ce), sums[2] + float(out.kd)]
-        loss, ce, kd = _sum_over_ranks(accelerator, sums)
-        results.update(dev_loss=loss, dev_ce=ce)
-        if not ce_only:
-            results["dev_kd"] = kd
-
-        if _is_sharded(accelerator):
-            # Sampling runs each rank's own number of forwards, which sharded parameters cannot serve.
-            logger.warning("dev ROUGE-L is skipped under FSDP / ZeRO-3; checkpoints are ranked by dev loss")
-        else:
-            settings = GenerationSettings(
-                max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size
-            )
-            student = accelerator.unwrap_model(model).student
-            shard = list(dev_examples[rank::world])
-            seeds = _parse_seeds(config.eval_seeds)
-            total_score = 0.0
-            with accelerator.autocast():
-                for seed in seeds:
-                    if shard:
-                        mean, _ = evaluate_model(
-                            student,
-                            tokenizer,
-                            shard,
-                            settings=settings,
-                            seed=seed,
-                            template=config.template,
-                            max_prompt_length=config.max_prompt_length,
-                        )
-                        total_score += mean * len(shard)
-            (score_sum,) = _sum_over_ranks(accelerator, [total_score])
-            results["dev_rougeL"] = score_sum / (len(dev_examples) * len(seeds))
-    model.train()
-    return results
-
-
-def _export(
-    accelerator: Any, model: nn.Module, tokenizer: Any, path: Path, config: TrainConfig, *, final: bool
-) -> None:
-    """Write a plain Hugging Face folder of the student (collective under FSDP / ZeRO-3)."""
-    student = accelerator.unwrap_model(model).student
-    merge = config.lora_r > 0 and not config.keep_adapter
-    if _is_sharded(accelerator):
-        state_dict = accelerator.get_state_dict(model)  # gathers the full weights on the main process
-        if accelerator.is_main_process:
-            state_dict = {k.removeprefix("student."): v for k, v in state_dict.items()}
-            if merge:
-                # Merging needs whole weights: rebuild the LoRA student on the CPU and load the gathered ones.
-                with _replicated_loading(accelerator):
-                    cpu_student = _build_student(config, torch.float32)
-                cpu_student.load_state_dict(state_dict)
-                export_model(cpu_student, tokenizer, path, merge_lora=True)
-            else:
-                export_model(student, tokenizer, path, merge_lora=False, state_dict=state_dict)
-    elif accelerator.is_main_process:
-        export_model(student, tokenizer, path, merge_lora=merge, copy_before_merge=not final)
-    accelerator.wait_for_everyone()
-
-
-@contextmanager
-def _replicated_loading(accelerator: Any) -> Iterator[None]:
-    """Load a whole, unsharded model on every rank (the frozen teacher; a CPU copy for export).
-
-    Under ZeRO-3, from_pretrained would partition it at load time (zero.Init), and FSDP's RAM-efficient
-    loading would leave it on the meta device on all ranks but 0; neither suits a model no engine wraps.
-    """
-    with contextlib.ExitStack() as stack:
-        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None:
-            stack.enter_context(plugin.zero3_init_context_manager(enable=False))
-        saved = os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
-        try:
-            yield
-        finally:
-            if saved is not None:
-                os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = saved
-
-
-def _build_student(config: TrainConfig, dtype: torch.dtype) -> nn.Module:
-    student = load_causal_lm(config.student_path, dtype=dtype, trust_remote_code=config.trust_remote_code)
-    if config.lora_r:
-        student = add_lora(
-            student,
-            r=config.lora_r,
-            alpha=config.lora_alpha,
-            dropout=config.lora_dropout,
-            target=config.lora_target,
-        )
-    return student
-
-
-# --------------------------------------------------------------------------------------------------
-# The training loop
-# --------------------------------------------------------------------------------------------------
-
-
-def train(config: TrainConfig) -> Path:
-    """Run SFT (no teacher) or distillation; returns the folder of the final model (``OUT/final``)."""
-    # ---- 1. Everything that can refuse the run, before any weights load and before --out is touched.
-    config.check()
-    accelerator = _make_accelerator(config)
-    folder = OutputFolder(
-        config.out,
-        config.command,
-        inputs=config.inputs(),
-        overwrite=config.overwrite,
-        keep_on_failure=lambda path: bool(list_checkpoints(path)),
-    )
-    folder.check(reuse=config.resume)  # read-only: every rank may run it
-    with _claimed(accelerator, folder):
-        return _train(config, accelerator, folder)
-
-
-def _train(config: TrainConfig, accelerator: Any, folder: OutputFolder) -> Path:
-    from accelerate.utils import set_seed
-
-    from todi.data import DataCollator, check_tokenizers, ensure_pad_token, shared_vocab_size
-    from todi.losses import causal_lm_distillation_loss
-
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    run_dir = folder.path
-    cache = None
-    if getattr(config, "teacher_cache", None):
-        from todi.cache import TeacherCache
-
-        cache = TeacherCache(config.teacher_cache, tail_mode=config.cache_tail)
-    tokenizer = load_tokenizer(config.student_path, trust_remote_code=config.trust_remote_code)
-    if config.teacher_path:
-        teacher_tokenizer = load_tokenizer(config.teacher_path, trust_remote_code=config.trust_remote_code)
-        check_tokenizers(teacher_tokenizer, tokenizer)
-    # Exported as loaded: a pad token added for batching would make the exported teacher's tokenizer
-    # differ from its student's (check_tokenizers compares pad ids) in the next `todi distill`.
-    pristine_tokenizer = copy.deepcopy(tokenizer)
-    pad_id = ensure_pad_token(tokenizer)
-    train_set, dev_examples, dev_set = _load_data(config, tokenizer)
-    if cache is not None:
-        cache.check(
-            tokenizer=pristine_tokenizer,
-            encoded=train_set,
-            template=config.template,
-            max_length=config.max_length,
-            max_prompt_length=config.max_prompt_length,
-            data=config.data,
-        )
-    identity = _run_identity(config, train_set)
-    changes = _check_resume(run_dir, config, world, identity) if config.resume else {}
-    lengths = [len(example["input_ids"]) for example in train_set]
-    supervised = [supervised_positions(example) for example in train_set]
-    micro_per_step = config.grad_accum * world
-    plan_options = {
-        "batch_size": config.batch_size,
-        "micro_per_step": micro_per_step,
-        "seed": config.seed,
-        "grouping": config.group_by_length,
-    }
-    steps_per_epoch = len(epoch_plan(lengths, epoch=0, **plan_options))
-    if steps_per_epoch == 0:
-        raise UsageError(
-            f"{len(train_set)} training examples do not fill one optimizer step of {micro_per_step} "
-            f"micro-batches of {config.batch_size}",
-            "lower --batch-size or --grad-accum, or use more data",
-        )
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-
-    # ---- 2. Models: the trained student (optionally LoRA) and the frozen teacher.
-    set_seed(config.seed)  # LoRA initialisation and dropout; a resume restores the RNG states later
-    student = _build_student(config, resolve_dtype(config.dtype, device))
-    check_finite_parameters(student, f"student {config.student_path}")
-    trainable, total = count_parameters(student)
-    logger.info(
-        "student %s: %.1fM of %.1fM parameters trainable", config.student_path, trainable / 1e6, total / 1e6
-    )
-    teacher, vocab_size = None, None
-    if config.teacher_path:
-        assert isinstance(config, DistillConfig)
-        with _replicated_loading(accelerator):
-            teacher = load_causal_lm(
-                config.teacher_path,
-                dtype=resolve_dtype(config.teacher_dtype, device, auto=torch.bfloat16),
-                trust_remote_code=config.trust_remote_code,
-                adapter=config.teacher_lora,
-            )
-        check_finite_parameters(teacher, f"teacher {config.teacher_path}", "--teacher-dtype")
-        teacher = freeze(teacher).to(device)
-        heads = [m.get_output_embeddings().weight.shape[0] for m in (causal_lm(student), teacher)]
-        vocab_size = shared_vocab_size(tokenizer, *heads)
-        if config.kd_rate == 0:
-            logger.warning("--kd-rate 0: the teacher is loaded but does not contribute to the loss")
-    if cache is not None:
-        vocab_size = shared_vocab_size(tokenizer, causal_lm(student).get_output_embeddings().weight.shape[0])
-        if vocab_size != cache.vocab_size:
-            raise UsageError(
-                f"the student's tokenizer has {vocab_size} tokens but teacher cache {config.teacher_cache} "
-                f"covers {cache.vocab_size}",
-                "use a student with the teacher's tokenizer",
-            )
-    loss_fn = functools.partial(
-        causal_lm_distillation_loss,
-        **config.loss_options(),
-        chunk_size=config.chunk_size,
-        vocab_size=vocab_size,
-        compile=config.compile,
-    )
-    model = LossModule(student, teacher, loss_fn)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-    schedule = cosine_schedule(config.warmup_steps, total_steps, config.min_lr / config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    module = accelerator.unwrap_model(model)
-    module.fused = config.fused
-    if config.fused:
-        reason = _prepare_fused_head(accelerator, model)
-        if reason:
-            logger.warning("fused loss disabled: %s; computing the loss on materialised logits", reason)
-            module.fused = False
-
-    # ---- 3. The inputs have loaded: only now may an old run in --out be set aside (--overwrite).
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        folder.replace_old()
-        _init_run_dir(run_dir, config, accelerator)
-    accelerator.wait_for_everyone()
-
-    # ---- 4. Resume: weights, optimizer, scheduler, RNG states and the data position.
-    state = TrainerState()
-    if config.resume:
-        loaded = load_latest_checkpoint(accelerator, run_dir)
-        if loaded is None:
-            logger.info("--resume: %s has no checkpoint yet; starting from step 0", run_dir)
-        else:
-            state, path = loaded
-            logger.info("resumed from %s (step %d, epoch %d)", path, state.global_step, state.epoch)
-            if state.global_step > total_steps:
-                raise UsageError(
-                    f"--resume: the run in {run_dir} is already at step {state.global_step}, past the "
-                    f"{total_steps} steps this command asks for",
-                    "raise --max-steps (or --epochs) to train longer; its final model is in "
-                    f"{run_dir / 'final'}",
-                )
-    if accelerator.is_main_process:
-        _append_segment(run_dir, config, accelerator, identity, changes, state.global_step)
-
-    collate = DataCollator(pad_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
-    # The loss is normalised by the supervised tokens of the whole global step (all micro-batches and
-    # ranks); accelerate divides it by grad_accum and DDP averages gradients over ranks, so scaling by
-    # both makes the update the gradient of exactly that normalised loss, whatever the split.
-    loss_scale = config.grad_accum * world
-    reporter = _Reporter(run_dir, config, total_steps, state, accelerator.is_main_process)
-    # Per logging window: loss, ce, kd, ToDi weight x tokens, tokens with a ToDi weight.
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
-    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-    skips_in_a_row = 0
-    last_saved = state.global_step if list_checkpoints(run_dir) else -1
-    grad_norm = torch.zeros(())
-
-    def checkpoint() -> None:
-        nonlocal last_saved
-        save_checkpoint(accelerator, run_dir, state)
-        last_saved = state.global_step
-        if accelerator.is_main_process:
-            rotate_checkpoints(run_dir, keep_last=config.keep_last, keep_best=config.save_best)
-
-    # ---- 5. The loop: one iteration = one optimizer step over `micro_per_step` micro-batches.
-    model.train()
-    try:
-        with _StopRequest() as stop:
-            plan, plan_epoch = [], -1
-            while state.global_step < total_steps:
-                if plan_epoch != state.epoch:
-                    plan, plan_epoch = epoch_plan(lengths, epoch=state.epoch, **plan_options), state.epoch
-                step_micro = plan[state.step_in_epoch]
-                num_items = sum(supervised[i] for micro in step_micro for i in micro)
-                step_sums = torch.zeros_like(sums)
-                for micro in step_micro[rank::world]:
-                    batch = {k: v.to(device) for k, v in collate([train_set[i] for i in micro]).items()}
-                    rows = None if cache is None else cache.rows(micro).to(device)
-                    # accumulate() skips the gradient all-reduce on all but the last micro-batch.
-                    with accelerator.accumulate(model):
-                        out = model(batch, num_items_in_batch=num_items, teacher_rows=rows)
-                        accelerator.backward(out.loss * loss_scale)
-                    # Kept on the device: reading the values back each micro-batch would stall a GPU.
-                    weighted = out.loss.new_zeros(2)
-                    if out.todi_weight is not None:
-                        tokens = out.loss.new_tensor(float(out.num_tokens))
-                        weighted = torch.stack([out.todi_weight.detach() * tokens, tokens])
-                    step_sums += torch.cat(
-                        [torch.stack([out.loss.detach(), out.ce, out.kd]), weighted]
-                    ).double()
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                if _finite_step(accelerator, step_sums, grad_norm):
-                    optimizer.step()
-                    sums += step_sums
-                    window_steps += 1
-                    skips_in_a_row = 0
-                else:
-                    # Nothing non-finite reaches the weights: stop here, or skip this update and count it.
-                    skips_in_a_row += 1
-                    error = _non_finite_error(config, accelerator, state, step_sums, grad_norm, run_dir)
-                    if config.nan_policy == "stop" or skips_in_a_row >= _MAX_SKIPS_IN_A_ROW:
-                        raise error
-                    state.extra["skipped_steps"] = state.extra.get("skipped_steps", 0) + 1
-                    logger.warning("%s; update skipped (--nan-policy skip)", error)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-                epoch_float = state.epoch + (state.step_in_epoch + 1) / len(plan)
-                state.global_step += 1
-                state.step_in_epoch += 1
-                state.tokens_seen += num_items
-                window_tokens += sum(lengths[i] for micro in step_micro for i in micro)
-                end_of_epoch = state.step_in_epoch == len(plan)
-                if end_of_epoch:
-                    state.epoch, state.step_in_epoch = state.epoch + 1, 0
-                done = state.global_step >= total_steps
-                reporter.advance(epoch_float)
-
-                if state.global_step % config.log_every == 0 or done:
-                    loss, ce, kd, weight, has_weight = _sum_over_ranks(accelerator, sums.tolist())
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    per_step = 1.0 / window_steps if window_steps else math.nan  # all skipped: NaN
-                    record = {
-                        "step": state.global_step,
-                        "epoch": round(epoch_float, 4),
-                        "lr": scheduler.get_last_lr()[0],
-                        "loss": loss * per_step,
-                        "ce": ce * per_step,
-                        "kd": kd * per_step,
-                        "todi_weight": weight / has_weight if has_weight else None,
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                        "tokens_per_s": window_tokens / elapsed,
-                        "peak_mem": _peak_memory_mib(),
-                    }
-                    if state.extra.get("skipped_steps"):
-                        record["skipped_steps"] = state.extra["skipped_steps"]
-                    reporter.log(record)
-                    sums.zero_()
-                    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-
-                evaluate_now = bool(dev_set) and (
-                    (config.eval_every and state.global_step % config.eval_every == 0)
-                    or (not config.eval_every and end_of_epoch)
-                    or done
-                )
-                paused = time.perf_counter()  # evaluation and checkpoints do not count for tokens/s
-                if evaluate_now and state.evaluated_step != state.global_step:
-                    started = time.perf_counter()
-                    results = _evaluate(accelerator, model, tokenizer, collate, dev_examples, dev_set, config)
-                    state.dev = results
-                    state.evaluated_step = state.global_step
-                    state.score = results.get("dev_rougeL", -results["dev_loss"])
-                    reporter.log(
-                        {"step": state.global_step, "epoch": round(epoch_float, 4), **results}, "dev"
-                    )
-                    shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items())
-                    reporter.write(
-                        f"step {state.global_step} dev: {shown} ({time.perf_counter() - started:.0f} s)"
-                    )
-                    if state.best_score is None or state.score > state.best_score:
-                        state.best_score, state.best_step = state.score, state.global_step
-                        _export(accelerator, model, pristine_tokenizer, run_dir / "best", config, final=False)
-                else:
-                    state.dev, state.score = None, None
-
-                stopping = any_rank(accelerator, stop.requested)
-                if (
-                    (config.save_every and state.global_step % config.save_every == 0)
-                    or evaluate_now
-                    or done
-                    or stopping
-                ):
-                    checkpoint()
-                window_start += time.perf_counter() - paused
-                if stopping:
-                    reporter.write(
-                        f"stopped at step {state.global_step}; checkpoint saved, continue with --resume"
-                    )
-                    raise Stopped(stop.signum)
-        # ---- 6. Export the final student as a plain Hugging Face folder.
-        if last_saved != state.global_step:
-            checkpoint()
-        final = run_dir / "final"
-        _export(accelerator, model, pristine_tokenizer, final, config, final=True)
-        if state.best_step is not None:
-            reporter.write(
-                f"best dev score {state.best_score:.4f} at step {state.best_step} (exported to {run_dir / 'best'})"
-            )
-        reporter.write(f"final model: {final}")
-        return final
-    finally:
-        reporter.close()

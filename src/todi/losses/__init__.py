@@ -2,8 +2,8 @@
 
 from todi.losses.causal_lm import causal_lm_distillation_loss
 from todi.losses.fused import FusedLinearDistillationLoss, auto_chunk_size, fused_linear_distillation_loss
-from todi.losses.objective import LossOutput, distillation_loss
-from todi.losses.sparse import SparseTeacher, sparse_distillation_loss
+from todi.losses.objective import LossOutput, distillation_loss, sparse_distillation_loss
+from todi.losses.sparse import SparseTeacher
 
 __all__ = [
     "FusedLinearDistillationLoss",

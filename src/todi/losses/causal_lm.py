@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from todi.losses.fused import fused_linear_distillation_loss
-from todi.losses.objective import LossOutput, distillation_loss
-from todi.losses.sparse import SparseTeacher, sparse_distillation_loss
+from todi.losses.objective import LossOutput, distillation_loss, sparse_distillation_loss
+from todi.losses.sparse import SparseTeacher
 
 __all__ = ["causal_lm_distillation_loss", "output_head", "shift_labels"]
 

@@ -6,6 +6,12 @@ objective w.r.t. the chunk's student logits, and immediately folds that gradient
 of the student hidden states, head weight and bias. Backward then only scales the stored gradients.
 Peak memory is therefore O(chunk_size x V) whatever N is (the same design as Liger-Kernel's chunked
 losses), and it serves every divergence in the registry.
+
+The pieces, in reading order: :class:`_Objective` (what the loss computes); a :class:`_Teacher` (the
+teacher's rows in one of four forms: none, dense hidden states and head, a sparse teacher's top k and tail
+bucket, or that bucket spread over the tail), whose ``chunk(rows)`` gives the kernel its side of a chunk;
+:class:`_ChunkStep` (one call's settings; ``run`` sends a chunk through the dense or the sparse kernel,
+compiled or not); and :class:`_FusedLinearDistillation`, the one loop over chunks.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -73,84 +79,216 @@ def _ce_part(
 
 @dataclass(frozen=True)
 class _Objective:
-    entry: Divergence
-    params: tuple[tuple[str, float], ...]
+    """What the loss computes: ``(1 - kd_rate) CE + kd_rate divergence`` at ``temperature``."""
+
+    divergence: Divergence
+    params: tuple[tuple[str, float], ...]  # the divergence's resolved parameters, sorted (hashable)
     kd_rate: float
     temperature: float
-    with_teacher: bool
-    # A cached teacher's tail spread over all V tokens: the dense kernel gets its rows as log-probabilities
-    # at the temperature already (no second division and log-softmax over [chunk, V]).
-    dense_tail: bool = False
+
+
+# What a teacher's chunk(rows) gives the kernel: dense logits or log-probs [c, V], a sparse teacher's
+# (ids [c, k], bucket log-probs [c, k (+1)]), or None without a teacher.
+_TeacherChunk = Tensor | tuple[Tensor, Tensor] | None
+
+
+class _Teacher(Protocol):
+    """The teacher's side of the supervised rows, in one of four forms (the classes below). It never
+    receives gradients, so its tensors are held here, detached, rather than passed to the autograd Function.
+    """
+
+    form: ClassVar[str]  # tells the chunk kernel what chunk() gives it: "none", "dense", "sparse", "spread"
+
+    def chunk(self, rows: slice, masked: bool) -> _TeacherChunk:
+        """What the kernel compares the student's logits of ``rows`` with; ``masked``: some input of the
+        call is non-finite."""
+        ...
+
+    def tensors_to_check(self) -> tuple[Tensor | None, ...]:
+        """The tensors whose non-finite values send the call down the masked path."""
+        ...
+
+
+class _NoTeacher:
+    """No teacher (kd_rate = 0): the kernel computes CE alone."""
+
+    form = "none"
+
+    def chunk(self, rows: slice, masked: bool) -> None:
+        return None
+
+    def tensors_to_check(self) -> tuple[Tensor | None, ...]:
+        return ()
+
+
+@dataclass(frozen=True, eq=False)
+class _DenseTeacher:
+    """Hidden states ``[N, H_t]`` and head (weight ``[V, H_t]``, bias ``[V]``): logits projected chunk by
+    chunk, like the student's."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    form = "dense"
+
+    def chunk(self, rows: slice, masked: bool) -> Tensor:
+        logits = F.linear(self.hidden[rows], self.weight, self.bias).float()
+        if masked:  # finite inputs cannot give NaN logits; only the masked path needs the check
+            check_teacher_logits(logits)
+        return logits
+
+    def tensors_to_check(self) -> tuple[Tensor | None, ...]:
+        return self.hidden, self.weight, self.bias
+
+
+@dataclass(frozen=True, eq=False)
+class _SparseRows:
+    """A sparse teacher (a cache's rows, tail_mode="bucket"): its top-k ``ids`` ``[N, k]`` and ``bucket``,
+    its log-probs at T over them and (when k < V) the tail, ``[N, k (+1)]``; the divergence runs on those
+    k + 1 outcomes."""
+
+    ids: Tensor
+    bucket: Tensor
+    form = "sparse"
+
+    def chunk(self, rows: slice, masked: bool) -> tuple[Tensor, Tensor]:
+        return self.ids[rows], self.bucket[rows]
+
+    def tensors_to_check(self) -> tuple[Tensor | None, ...]:
+        return ()  # the sparse kernel always takes the masked path
+
+
+@dataclass(frozen=True, eq=False)
+class _SpreadTail:
+    """A sparse teacher whose tail bucket's mass is spread over the ``V - k`` tail tokens, evenly or by the
+    cache's tail ``samples`` ``[N, m]`` (tail_mode "uniform" / "sampled"): dense teacher rows, given to the
+    kernel as log-probs at T already (no second division and log-softmax over ``[chunk, V]``)."""
+
+    ids: Tensor
+    bucket: Tensor
+    vocab_size: int
+    samples: Tensor | None
+    form = "spread"
+
+    def chunk(self, rows: slice, masked: bool) -> Tensor:
+        samples = None if self.samples is None else self.samples[rows]
+        return dense_teacher_log_probs(self.ids[rows], self.bucket[rows], self.vocab_size, samples)
+
+    def tensors_to_check(self) -> tuple[Tensor | None, ...]:
+        return (self.bucket,)  # -inf where the teacher's tail underflowed: the masked path
+
+
+def _sparse_teacher_rows(teacher: SparseTeacher, temperature: float) -> _SparseRows | _SpreadTail:
+    ids, bucket, spread, samples = teacher.kernel_inputs(temperature)
+    return _SpreadTail(ids, bucket, teacher.vocab_size, samples) if spread else _SparseRows(ids, bucket)
+
+
+_COMPILED: dict[tuple, Any] = {}
+_COMPILE_FAILED: set[tuple] = set()
+
+
+@dataclass(frozen=True)
+class _ChunkStep:
+    """What the kernel does to every chunk of one call: the objective against a teacher of this form, with
+    two switches the call's inputs decide. Hashable: with the chunk's shapes it keys the compiled kernels."""
+
+    objective: _Objective
+    teacher: str  # the teacher's form (_Teacher.form)
+    need_grad: bool  # the caller wants gradients: also d(objective * scale)/dz for the student's
+    masked: bool  # some input is non-finite: the masked log-softmax (the sparse kernel always masks)
+
+    def run(
+        self, z: Tensor, teacher: _TeacherChunk, targets: Tensor, scale: Tensor, compiled: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """One chunk of float32 student logits ``z`` against the teacher's chunk of the same rows;
+        ``compiled``: through ``torch.compile`` (one compiled kernel per key), eagerly where that fails."""
+        kernel = _sparse_chunk_kernel if self.teacher == "sparse" else _chunk_kernel
+        key = (  # of the kernel's compiled copy
+            self.objective,
+            self.need_grad,
+            self.masked,
+            tuple(z.shape),
+            z.device.type,
+            kernel.__name__,
+            # a sparse teacher's k is a shape of its own graph: counted so the recompile limit has room
+            teacher[0].shape[-1] if self.teacher == "sparse" else None,
+            self.teacher,
+        )
+        if compiled and key not in _COMPILE_FAILED:
+            compiled_kernel = _COMPILED.get(key)
+            if compiled_kernel is None:
+                compiled_kernel = _COMPILED[key] = torch.compile(kernel, dynamic=False)
+            try:
+                with _recompile_limit(len(_COMPILED)):
+                    return compiled_kernel(z, teacher, targets, scale, self)
+            except Exception as err:  # a backend without a compiler must not stop training
+                _COMPILE_FAILED.add(key)
+                logger.warning("torch.compile of the fused loss failed (%s); running it eagerly", err)
+        return kernel(z, teacher, targets, scale, self)
 
 
 def _chunk_kernel(
-    z: Tensor,
-    zt: Tensor | None,
-    targets: Tensor,
-    scale: Tensor,
-    objective: _Objective,
-    need_grad: bool,
-    safe: bool,
+    z: Tensor, teacher: Tensor | None, targets: Tensor, scale: Tensor, step: _ChunkStep
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """CE sum, divergence sum, ToDi-weight sum and d(objective * scale)/dz for one chunk of float32 logits.
+    """CE sum, divergence sum, ToDi's FKL-share sum and d(objective * scale)/dz for one chunk of float32
+    logits, against dense teacher rows (logits, or a spread tail's log-probs at T) or, with None, CE only.
 
-    ``safe`` selects the masked log-softmax (non-finite logits present). Pure tensor code without
-    data-dependent Python branches, so that ``torch.compile`` can fuse it into a few loops.
+    Pure tensor code without data-dependent Python branches, so that ``torch.compile`` can fuse it into a
+    few loops.
     """
-    kd_rate, temperature, entry = objective.kd_rate, objective.temperature, objective.entry
+    objective, need_grad = step.objective, step.need_grad
+    kd_rate, temperature, divergence = objective.kd_rate, objective.temperature, objective.divergence
     params = dict(objective.params)
     ce, grad = _ce_part(z, targets, scale, kd_rate, need_grad)
-    kd = weight = z.new_zeros(())
-    if not objective.with_teacher:
-        return ce, kd, weight, grad
+    kd = fkl_share = z.new_zeros(())
+    if teacher is None:
+        return ce, kd, fkl_share, grad
+    tempered = step.teacher == "spread"  # the rows are log-probs at T already
 
     def scaled_log_probs(student: Tensor) -> tuple[Tensor, Tensor]:
         s = student / temperature
-        t = zt if objective.dense_tail else zt / temperature
-        if safe:
+        t = teacher if tempered else teacher / temperature
+        if step.masked:
             return masked_log_probs(s, t)
-        return F.log_softmax(s, -1), t if objective.dense_tail else F.log_softmax(t, -1)
+        return F.log_softmax(s, -1), t if tempered else F.log_softmax(t, -1)
 
-    if need_grad and entry.value_and_grad is not None:
+    if need_grad and divergence.value_and_grad is not None:
         ls, lt = scaled_log_probs(z)
-        per_row, grad_s = entry.value_and_grad(ls, lt, **params)
+        per_row, grad_s = divergence.value_and_grad(ls, lt, **params)
         kd = per_row.sum()
         grad_kd = grad_s * (kd_rate * scale / temperature)
     elif need_grad:
 
         def kd_of(student: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
             ls_, lt_ = scaled_log_probs(student)
-            return entry.fn(ls_, lt_, **params).sum(), (ls_.detach(), lt_.detach())
+            return divergence.fn(ls_, lt_, **params).sum(), (ls_.detach(), lt_.detach())
 
         grad_raw, (kd, (ls, lt)) = torch.func.grad_and_value(kd_of, has_aux=True)(z)
         grad_kd = grad_raw * (kd_rate * scale)
     else:
         ls, lt = scaled_log_probs(z)
-        kd, grad_kd = entry.fn(ls, lt, **params).sum(), None
-    if entry.name == "todi":
-        weight = todi_weight(ls, lt, params["beta"]).sum()
+        kd, grad_kd = divergence.fn(ls, lt, **params).sum(), None
+    if divergence.name == "todi":
+        fkl_share = todi_weight(ls, lt, params["beta"]).sum()
     if grad_kd is not None:
         grad = grad_kd if grad is None else grad + grad_kd
-    return ce, kd.detach(), weight, grad
+    return ce, kd.detach(), fkl_share, grad
 
 
 def _sparse_chunk_kernel(
-    z: Tensor,
-    ids: Tensor,
-    bucket: Tensor,
-    targets: Tensor,
-    scale: Tensor,
-    objective: _Objective,
-    need_grad: bool,
+    z: Tensor, teacher: tuple[Tensor, Tensor], targets: Tensor, scale: Tensor, step: _ChunkStep
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """:func:`_chunk_kernel` against a sparse teacher: ``ids`` ``[c, k]`` and its bucket log-probs.
+    """:func:`_chunk_kernel` against a sparse teacher: ``teacher`` is its top-k ``ids`` ``[c, k]`` and the
+    ``bucket`` log-probs at T over them and the tail, ``[c, k (+1)]``.
 
     The divergence lives on k + 1 bucket log-probs b; autograd runs only on that small ``[c, k + 1]``
     function, and the chain rule to the ``[c, V]`` logits is written out (cheaper than autograd through
     the gather, scatter and two log-sum-exps): with s = z / T, q = softmax(s), g = dD/db and G = sum g,
     dD/ds = g_tail * softmax over the tail of s (0 on the k ids) - G q, plus g_j at id j.
     """
-    kd_rate, temperature, entry = objective.kd_rate, objective.temperature, objective.entry
+    ids, bucket = teacher
+    objective, need_grad = step.objective, step.need_grad
+    kd_rate, temperature, divergence = objective.kd_rate, objective.temperature, objective.divergence
     params = dict(objective.params)
     ce, grad = _ce_part(z, targets, scale, kd_rate, need_grad)
     with_tail = bucket.shape[-1] > ids.shape[-1]
@@ -165,7 +303,7 @@ def _sparse_chunk_kernel(
 
     def kd_of(b: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         ls_, lt_ = masked_log_probs(b, bucket)
-        return entry.fn(ls_, lt_, **params).sum(), (ls_.detach(), lt_.detach())
+        return divergence.fn(ls_, lt_, **params).sum(), (ls_.detach(), lt_.detach())
 
     if need_grad:
         g, (kd, (ls, lt)) = torch.func.grad_and_value(kd_of, has_aux=True)(student_bucket)
@@ -179,12 +317,8 @@ def _sparse_chunk_kernel(
         grad = grad_kd if grad is None else grad + grad_kd
     else:
         kd, (ls, lt) = kd_of(student_bucket)
-    weight = todi_weight(ls, lt, params["beta"]).sum() if entry.name == "todi" else z.new_zeros(())
-    return ce, kd.detach(), weight, grad
-
-
-_COMPILED: dict[tuple, Any] = {}
-_COMPILE_FAILED: set[tuple] = set()
+    fkl_share = todi_weight(ls, lt, params["beta"]).sum() if divergence.name == "todi" else z.new_zeros(())
+    return ce, kd.detach(), fkl_share, grad
 
 
 def _use_compile(compile: bool | None, full_chunks: int) -> bool:
@@ -206,37 +340,6 @@ def _recompile_limit(variants: int) -> Any:
     return config.patch(**{name: max(getattr(config, name), variants)})
 
 
-def _run_kernel(
-    z: Tensor,
-    teacher: Tensor | tuple[Tensor, Tensor] | None,
-    targets: Tensor,
-    scale: Tensor,
-    objective: _Objective,
-    need_grad: bool,
-    safe: bool,
-    compiled: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """One chunk; ``teacher`` is dense logits, (ids, bucket log-probs) of a sparse teacher, or None."""
-    if isinstance(teacher, tuple):
-        kernel, args = _sparse_chunk_kernel, (z, *teacher, targets, scale, objective, need_grad)
-    else:
-        kernel, args = _chunk_kernel, (z, teacher, targets, scale, objective, need_grad, safe)
-    # A sparse teacher's k is a shape of its own graph; counted so the recompile limit leaves room for it.
-    k = teacher[0].shape[-1] if isinstance(teacher, tuple) else None
-    key = (objective, need_grad, safe, tuple(z.shape), z.device.type, kernel.__name__, k)
-    if compiled and key not in _COMPILE_FAILED:
-        compiled_kernel = _COMPILED.get(key)
-        if compiled_kernel is None:
-            compiled_kernel = _COMPILED[key] = torch.compile(kernel, dynamic=False)
-        try:
-            with _recompile_limit(len(_COMPILED)):
-                return compiled_kernel(*args)
-        except Exception as err:  # a backend without a compiler must not stop training
-            _COMPILE_FAILED.add(key)
-            logger.warning("torch.compile of the fused loss failed (%s); running it eagerly", err)
-    return kernel(*args)
-
-
 def _all_finite(*tensors: Tensor | None) -> bool:
     """Finite inputs give finite logits, so the chunks can skip the masked log-softmax; checking the
     [N, H] inputs is far cheaper than checking [N, V] logits. A sum is non-finite whenever an element is
@@ -250,18 +353,19 @@ def _accumulator(t: Tensor) -> torch.dtype:
 
 
 class _FusedLinearDistillation(torch.autograd.Function):
+    """The loss over chunks of rows, the student's gradients computed in forward (backward scales them).
+
+    Its tensor inputs are the student's, which take gradients, and the targets; the teacher travels as one
+    detached :class:`_Teacher`.
+    """
+
     @staticmethod
     def forward(
         ctx: Any,
         student_hidden: Tensor,
         student_weight: Tensor,
         student_bias: Tensor | None,
-        teacher_hidden: Tensor | None,
-        teacher_weight: Tensor | None,
-        teacher_bias: Tensor | None,
-        teacher_ids: Tensor | None,
-        teacher_bucket: Tensor | None,
-        teacher_samples: Tensor | None,
+        teacher: _Teacher,
         targets: Tensor,
         denom: Tensor,
         objective: _Objective,
@@ -281,45 +385,23 @@ class _FusedLinearDistillation(torch.autograd.Function):
             else None
         )
         scale = 1.0 / denom
-        rows_total = student_hidden.shape[0]
-        compiled = _use_compile(compile, rows_total // chunk_size)
-        # A spread tail has -inf rows where the teacher's tail underflowed: those need the masked path too.
-        spread = teacher_bucket if objective.dense_tail else None
-        safe = not _all_finite(
-            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, spread
-        )
+        compiled = _use_compile(compile, student_hidden.shape[0] // chunk_size)
+        masked = not _all_finite(student_hidden, student_weight, student_bias, *teacher.tensors_to_check())
+        step = _ChunkStep(objective, teacher.form, need_grad, masked)
         ce_sum = student_hidden.new_zeros((), dtype=torch.float32)
-        kd_sum, weight_sum = ce_sum.clone(), ce_sum.clone()
+        kd_sum, fkl_share_sum = ce_sum.clone(), ce_sum.clone()
         for start in range(0, student_hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h = student_hidden[rows]
             student_logits = F.linear(h, student_weight, student_bias)
-            teacher: Tensor | tuple[Tensor, Tensor] | None = None
-            if teacher_hidden is not None:
-                teacher = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias).float()
-                if safe:  # finite inputs cannot give NaN logits; only the masked path needs the check
-                    check_teacher_logits(teacher)
-            elif teacher_ids is not None and objective.dense_tail:
-                # The spread distribution's log-probs at T as dense teacher rows: the dense kernel.
-                samples = None if teacher_samples is None else teacher_samples[rows]
-                teacher = dense_teacher_log_probs(
-                    teacher_ids[rows], teacher_bucket[rows], student_weight.shape[0], samples
-                )
-            elif teacher_ids is not None:
-                teacher = (teacher_ids[rows], teacher_bucket[rows])
-            ce, kd, weight, grad = _run_kernel(
-                student_logits.float(),
-                teacher,
-                targets[rows],
-                scale,
-                objective,
-                need_grad,
-                safe,
-                compiled and student_logits.shape[0] == chunk_size,
+            teacher_chunk = teacher.chunk(rows, masked)
+            full = student_logits.shape[0] == chunk_size
+            ce, kd, fkl_share, grad = step.run(
+                student_logits.float(), teacher_chunk, targets[rows], scale, compiled and full
             )
             ce_sum += ce
             kd_sum += kd
-            weight_sum += weight
+            fkl_share_sum += fkl_share
             if grad is None:
                 continue
             if grad_hidden is not None:
@@ -334,14 +416,14 @@ class _FusedLinearDistillation(torch.autograd.Function):
             None if grad_weight is None else grad_weight.to(student_weight.dtype),
             None if grad_bias is None else grad_bias.to(student_bias.dtype),
         )
-        ctx.mark_non_differentiable(ce_sum, kd_sum, weight_sum)
-        return loss, ce_sum, kd_sum, weight_sum
+        ctx.mark_non_differentiable(ce_sum, kd_sum, fkl_share_sum)
+        return loss, ce_sum, kd_sum, fkl_share_sum
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        grads = [g if g is None else g * grad_loss.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
-        return (*grads, *[None] * 12)
+        grads = [g if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        # One gradient per input of forward: the student's three, then None for the rest.
+        return (*grads, *[None] * (len(ctx.needs_input_grad) - len(grads)))
 
 
 def fused_linear_distillation_loss(
@@ -387,8 +469,8 @@ def fused_linear_distillation_loss(
     bf16; the softmax and divergence math always runs in float32.
     """
     check_objective(kd_rate, temperature)
-    entry = get_divergence(divergence)
-    resolved = entry.resolve(params)
+    registered = get_divergence(divergence)
+    resolved = registered.resolve(params)
     if student_hidden.dim() != 2 or labels.shape != student_hidden.shape[:1]:
         raise ValueError(
             f"student_hidden must be [N, H] with labels [N]; got {tuple(student_hidden.shape)} and "
@@ -414,29 +496,27 @@ def fused_linear_distillation_loss(
     denom = normaliser(num_tokens, num_items_in_batch)
     # Only supervised rows are projected at all; the others have zero loss and zero gradient.
     rows = keep.nonzero().squeeze(-1)
-    selected_student = student_hidden.index_select(0, rows)
-    selected_teacher = None if teacher_hidden is None else teacher_hidden.detach().index_select(0, rows)
-    teacher_ids = teacher_bucket = teacher_samples = None
-    dense_tail = False
-    if sparse_teacher is not None:
+    # The one place that tells the teacher's kind from the arguments.
+    if teacher_hidden is not None:
+        teacher: _Teacher = _DenseTeacher(
+            teacher_hidden.detach().index_select(0, rows),
+            teacher_weight.detach(),
+            None if teacher_bias is None else teacher_bias.detach(),
+        )
+    elif sparse_teacher is not None:
         check_sparse_rows(sparse_teacher, rows.numel(), student_weight.shape[0])
-        teacher_ids, teacher_bucket, dense_tail, teacher_samples = sparse_teacher.kernel_inputs(temperature)
+        teacher = _sparse_teacher_rows(sparse_teacher, temperature)
+    else:
+        teacher = _NoTeacher()
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
     chunk = chunk_size or auto_chunk_size(rows.numel(), student_weight.shape[0])
-    objective = _Objective(
-        entry, tuple(sorted(resolved.items())), float(kd_rate), float(temperature), with_teacher, dense_tail
-    )
-    loss, ce_sum, kd_sum, weight_sum = _FusedLinearDistillation.apply(
-        selected_student,
+    objective = _Objective(registered, tuple(sorted(resolved.items())), float(kd_rate), float(temperature))
+    loss, ce_sum, kd_sum, fkl_share_sum = _FusedLinearDistillation.apply(
+        student_hidden.index_select(0, rows),
         student_weight,
         student_bias,
-        selected_teacher,
-        None if teacher_weight is None else teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(),
-        teacher_ids,
-        teacher_bucket,
-        teacher_samples,
+        teacher,
         labels.index_select(0, rows),
         denom,
         objective,
@@ -444,12 +524,13 @@ def fused_linear_distillation_loss(
         compile,
         torch.is_grad_enabled(),
     )
+    with_todi_weight = registered.name == "todi" and with_teacher
     return LossOutput(
         loss=loss,
         ce=ce_sum / denom,
         kd=kd_sum / denom,
         num_tokens=int(num_tokens),
-        todi_weight=weight_sum / num_tokens.clamp_min(1) if entry.name == "todi" and with_teacher else None,
+        todi_weight=fkl_share_sum / num_tokens.clamp_min(1) if with_todi_weight else None,
     )
 
 

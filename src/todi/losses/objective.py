@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from todi.divergences import check_vocab, get_divergence, log_probs, todi_weight
+from todi.losses.sparse import SparseTeacher, sparse_log_probs
 
-if TYPE_CHECKING:
-    from todi.losses.sparse import SparseTeacher
-
-__all__ = ["LossOutput", "check_objective", "distillation_loss", "normaliser"]
+__all__ = ["LossOutput", "check_objective", "distillation_loss", "normaliser", "sparse_distillation_loss"]
 
 
 @dataclass
@@ -86,12 +84,10 @@ def distillation_loss(
         :class:`LossOutput`; with no supervised position the loss is 0 with zero gradients.
     """
     check_objective(kd_rate, temperature)
-    entry = get_divergence(divergence)
-    resolved = entry.resolve(params)
+    registered = get_divergence(divergence)
+    resolved = registered.resolve(params)
     if teacher_logits is None and kd_rate > 0:
         raise ValueError("teacher_logits is None but kd_rate > 0; pass teacher logits or set kd_rate=0")
-    from todi.losses.sparse import SparseTeacher, sparse_log_probs  # sparse builds on this module
-
     sparse = isinstance(teacher_logits, SparseTeacher)
     if teacher_logits is not None and not sparse:
         check_vocab(student_logits.shape, teacher_logits.shape)
@@ -111,21 +107,33 @@ def distillation_loss(
     math_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     zero = student_logits.new_zeros((), dtype=math_dtype)
     ce_sum = F.cross_entropy(student.to(math_dtype), targets, reduction="sum") if kd_rate < 1 else zero
-    kd_sum, weight = zero, None
+    kd_sum, fkl_share = zero, None
     if teacher_logits is not None:
         if sparse:
             ls, lt = sparse_log_probs(student, teacher_logits, temperature)
         else:
             ls, lt = log_probs(student, teacher_logits.reshape(-1, vocab)[keep], temperature)
-        per_position = entry.fn(ls, lt, **resolved)
+        per_position = registered.fn(ls, lt, **resolved)
         kd_sum = per_position.sum()
         if divergence == "todi":
-            weight = todi_weight(ls, lt, resolved["beta"]).sum() / num_tokens.clamp_min(1)
+            fkl_share = todi_weight(ls, lt, resolved["beta"]).sum() / num_tokens.clamp_min(1)
     loss = ((1.0 - kd_rate) * ce_sum + kd_rate * kd_sum) / denom
     return LossOutput(
         loss=loss,
         ce=(ce_sum / denom).detach(),
         kd=(kd_sum / denom).detach(),
         num_tokens=int(num_tokens),
-        todi_weight=weight,
+        todi_weight=fkl_share,
     )
+
+
+def sparse_distillation_loss(
+    student_logits: Tensor,
+    teacher: SparseTeacher | None,
+    labels: Tensor,
+    **options: Any,
+) -> LossOutput:
+    """:func:`todi.losses.distillation_loss` with a sparse teacher (the same options): ``teacher`` holds
+    one row per supervised position of ``labels`` (in flattened order); the student's logits are full
+    ``[..., V]``."""
+    return distillation_loss(student_logits, teacher, labels, **options)

@@ -45,14 +45,12 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from todi.divergences import masked_log_probs
-from todi.losses.objective import LossOutput, distillation_loss
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +61,6 @@ __all__ = [
     "dense_teacher_log_probs",
     "draw_tail",
     "pad_samples",
-    "sparse_distillation_loss",
     "sparse_log_probs",
     "student_bucket_log_probs",
 ]
@@ -362,18 +359,6 @@ def sparse_log_probs(student: Tensor, teacher: SparseTeacher, temperature: float
     with_tail = bucket.shape[-1] > ids.shape[-1]
     student_bucket = student_bucket_log_probs(student / temperature, ids, with_tail)
     return masked_log_probs(student_bucket, bucket.to(student_bucket.dtype))
-
-
-def sparse_distillation_loss(
-    student_logits: Tensor,
-    teacher: SparseTeacher | None,
-    labels: Tensor,
-    **options: Any,
-) -> LossOutput:
-    """:func:`todi.losses.distillation_loss` with a sparse teacher (the same options): ``teacher`` holds
-    one row per supervised position of ``labels`` (in flattened order); the student's logits are full
-    ``[..., V]``."""
-    return distillation_loss(student_logits, teacher, labels, **options)
 
 
 def check_sparse_rows(teacher: SparseTeacher, rows: int, vocab: int) -> None:
