@@ -534,7 +534,7 @@ def part_quality(work: Path, args: argparse.Namespace) -> dict:
     print("quality: evaluating held-out ROUGE-L ...", flush=True)
     evaluation = root / "eval"
     evaluation.mkdir(exist_ok=True)
-    scores = demo._evaluate(
+    scores = demo._evaluate_on_test(
         {name: [path] for name, path in finals.items()}, paths["test"], profile, evaluation
     )
 
