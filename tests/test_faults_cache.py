@@ -18,6 +18,7 @@ import torch
 from tiny import GPT2_DIR, gpt2_tokenizer, save_llama, write_data
 from todi import cache, cli
 from todi.cache import Config, TeacherCache, build_cache
+from todi.checkpoint import sha256_file
 from todi.errors import NonFiniteError, TodiError, UsageError
 from todi.outputs import MARKER_NAME, OutputFolder
 
@@ -267,7 +268,7 @@ def test_legacy_cache_without_checksums(inputs, tmp_path):
 def test_sha256_reads_a_file_in_blocks(tmp_path):
     data = bytes(range(256)) * 5000  # 1.22 MiB: one full 1 MiB block and a partial one
     (tmp_path / "blob").write_bytes(data)
-    assert cache._sha256(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
+    assert sha256_file(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
 
 
 # ---- a NaN teacher ------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ __all__ = [
     "remove_stale",
     "rotate_checkpoints",
     "save_checkpoint",
+    "sha256_file",
     "verify_checkpoint",
     "write_errors",
 ]
@@ -147,12 +148,13 @@ def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
             continue
         entry: dict[str, Any] = {"size": path.stat().st_size}
         if entry["size"] <= _HASHED_BYTES:
-            entry["sha256"] = _sha256(path)
+            entry["sha256"] = sha256_file(path)
         entries[str(path.relative_to(folder))] = entry
     return entries
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read 1 MiB at a time."""
     digest = hashlib.sha256()
     with path.open("rb") as file:
         for block in iter(lambda: file.read(2**20), b""):
@@ -264,7 +266,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != entry["size"]:
             return f"{name} has {file.stat().st_size} bytes, expected {entry['size']}"
-        if "sha256" in entry and _sha256(file) != entry["sha256"]:
+        if "sha256" in entry and sha256_file(file) != entry["sha256"]:
             return f"{name} does not match its checksum"
     return None
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from todi.errors import TodiError, UsageError
+from todi.report import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -389,7 +390,7 @@ class OutputFolder:
             "created": old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
             "note": "written by todi; --overwrite replaces only folders that carry this file",
         }
-        _write_atomic(self.path / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
+        write_text_atomic(self.path / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
 
     def finish(self) -> None:
         """Success: the replaced output is deleted."""
@@ -429,9 +430,3 @@ class OutputFolder:
 
 def _has_work(path: Path) -> bool:
     return any(p.name not in _OURS for p in path.iterdir()) if path.is_dir() else False
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
