@@ -110,9 +110,21 @@ def test_demo_end_to_end_on_a_micro_profile(tmp_path, monkeypatch):
     for name in ("report.md", "loss.png", "rougeL.png", "todi_weights.png", "results.json"):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())["results"]
-    assert set(results) == {"teacher", "sft", "fkl", "rkl", "todi"}
+    assert set(results) == {"teacher", "sft", "fkl", "rkl", "todi", "fkl-on", "todi-on"}
     report = (out / "report.md").read_text()
     assert "| todi |" in report and "trained in this run" in report
+    # the on-policy students trained on their own samples at every step, and the report pairs them by seed
+    for name in ("fkl-on", "todi-on"):
+        records = [
+            r
+            for r in map(
+                json.loads, (out / "runs" / name / "seed0" / "metrics.jsonl").read_text().splitlines()
+            )
+            if "loss" in r
+        ]
+        assert records and all(r["generated"] == 1.0 and r["ce"] == 0.0 for r in records), name
+    diff = results["todi-on"]["rougeL_per_run"][0] - results["todi"]["rougeL_per_run"][0]
+    assert "On-policy distillation" in report and f"| todi-on (λ 1) − todi (λ 0) | {diff:+.1f} |" in report
     # every student is the checkpoint with the best dev ROUGE-L of its run, scored at steps 1, 2 and 3: the
     # weights evaluated are those of the kept checkpoint at the step the report names
     from safetensors.torch import load_file

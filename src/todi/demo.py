@@ -45,7 +45,8 @@ DEMO_VERSION = 2
 
 @dataclass
 class Config:
-    """Distil a teacher into students with SFT, FKL, RKL and ToDi on embedded data, then compare them."""
+    """Distil a teacher into students with SFT, FKL, RKL and ToDi (off-policy, and FKL and ToDi on the
+    students' own samples) on embedded data, then compare them."""
 
     out: str = option("todi-demo", "output folder: data/, runs/, eval/, report.md and figures")
     quick: bool = option(
@@ -237,10 +238,22 @@ def _teacher(config: Config, profile: Profile, tokenizer: Any, data: Path, work:
     return cached / "final", time.perf_counter() - start
 
 
+# Students trained on their own samples (todi.onpolicy): name -> (divergence, --lmbda). The plain names
+# are off-policy (lambda 0); the mixed ones run with --all.
+ON_POLICY = {"fkl-on": ("fkl", 1.0), "todi-on": ("todi", 1.0)}
+MIXED_POLICY = {"fkl-mix": ("fkl", 0.5), "todi-mix": ("todi", 0.5)}
+
+
 def _objectives(config: Config) -> list[str]:
     from todi.divergences import DIVERGENCES
 
-    return ["sft", *(DIVERGENCES if config.all else ("fkl", "rkl", "todi"))]
+    off_policy = ["sft", *(DIVERGENCES if config.all else ("fkl", "rkl", "todi"))]
+    return off_policy + list(ON_POLICY) + (list(MIXED_POLICY) if config.all else [])
+
+
+def loss_and_lmbda(objective: str) -> tuple[str, float]:
+    """The divergence and the on-policy probability of a demo student's name."""
+    return (ON_POLICY | MIXED_POLICY).get(objective, (objective, 0.0))
 
 
 def _student_run(runs: Path, objective: str, seed: int) -> Path:
@@ -286,7 +299,10 @@ def _students(
             if objective == "sft":
                 train(SFTConfig(model=str(init), **options))
             else:
-                train(DistillConfig(teacher=str(teacher), student=str(init), loss=objective, **options))
+                loss, lmbda = loss_and_lmbda(objective)
+                train(
+                    DistillConfig(teacher=str(teacher), student=str(init), loss=loss, lmbda=lmbda, **options)
+                )
             # Profile guarantees at least one dev score, and the first always exports best/.
             chosen[objective].append(Path(options["out"]) / "best")
     return chosen

@@ -141,7 +141,7 @@ def _model_device(model: Any) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     """Every id that ends an answer: the model's generation config may list several (e.g. <|im_end|>)."""
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
@@ -150,7 +150,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _left_pad(
+def left_pad(
     prompts: Sequence[list[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left padding: every row's last prompt token sits in the last column, where generation continues."""
@@ -191,7 +191,7 @@ def _sample(
     if not examples:
         return []
     pad_id = ensure_pad_token(tokenizer)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     if not eos_ids:
         log.warning(
             "neither the model nor the tokenizer names an EOS token: every answer runs to max_new_tokens"
@@ -217,7 +217,7 @@ def _sample(
         with _seeded(seed, device), torch.inference_mode():
             for start in range(0, len(order), settings.batch_size):
                 rows = order[start : start + settings.batch_size]
-                input_ids, attention_mask = _left_pad([prompts[i] for i in rows], pad_id, device)
+                input_ids, attention_mask = left_pad([prompts[i] for i in rows], pad_id, device)
                 output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
                 new = output[:, input_ids.shape[1] :]
                 # An answer ends at its first EOS (inclusive); what follows is padding of finished rows.

@@ -93,6 +93,7 @@ from todi.models import (
     load_tokenizer,
     resolve_dtype,
 )
+from todi.onpolicy import PolicyOptions, ResponseSource, StepBatches
 from todi.options import option
 from todi.outputs import OutputFolder
 from todi.parallel import (
@@ -119,6 +120,7 @@ __all__ = [
 ]
 
 METRICS_NAME = "metrics.jsonl"
+SAMPLES_NAME = "samples.jsonl"
 MIN_TEMPERATURE = 1e-2
 _MAX_SKIPS_IN_A_ROW = 10
 
@@ -366,6 +368,34 @@ class DistillConfig(TrainConfig):
     beta: float | None = option(None, "ToDi: sharpness of the FKL/RKL weight (default 1.0)")
     skew: float | None = option(None, "skl / srkl: mixing weight (default 0.1)")
     mu: float | None = option(None, "akl: head/tail threshold (default 0.5)")
+    # on-policy: the responses a step learns from (see todi.onpolicy)
+    lmbda: float = option(
+        0.0,
+        "probability that an optimizer step's responses (all its micro-batches, on all ranks: the batch, "
+        "as in TRL's GKD) are the student's own samples for the same prompts instead of the data's; the "
+        "choice and the samples are seeded by (--seed, step, example), so ranks and accumulation agree",
+    )
+    seq_kd: bool = option(
+        False, "train on responses sampled from the teacher instead of the data's (sequence-level KD)"
+    )
+    on_policy_ce: bool = option(
+        False,
+        "keep the (1 - kd_rate) CE term on the student's own samples (default: the divergence alone, "
+        "since the CE of its own tokens teaches the student nothing)",
+    )
+    replay_buffer: int = option(
+        0, "keep the last N generated examples (saved with each checkpoint) to reuse them; 0 = off"
+    )
+    replay_ratio: float = option(
+        0.0, "with --replay-buffer: share of a generated micro-batch drawn from the buffer, not generated"
+    )
+    gen_temperature: float = option(1.0, "sampling temperature of the generated responses")
+    gen_top_p: float = option(1.0, "nucleus sampling of the generated responses; 1 = off")
+    gen_top_k: int = option(0, "top-k sampling of the generated responses; 0 = off")
+    gen_max_new_tokens: int | None = option(
+        None, "tokens per generated response (default: the longest response in the training data)"
+    )
+    save_samples: bool = option(False, "write every generated response to samples.jsonl in --out")
 
     command = "distill"
 
@@ -423,7 +453,48 @@ class DistillConfig(TrainConfig):
                 get_divergence(self.loss).resolve(self.divergence_params())
             except ValueError as err:
                 out.append(f"--loss {self.loss}: {err}")
-        return out + super().problems()
+        return out + self._policy_problems() + super().problems()
+
+    def _policy_problems(self) -> list[str]:
+        out = []
+        if not 0.0 <= self.lmbda <= 1.0:
+            out.append(f"--lmbda must be in [0, 1], got {self.lmbda}")
+        if self.teacher_cache and (self.lmbda > 0 or self.seq_kd):
+            out.append(
+                "--teacher-cache cannot score new text: --lmbda > 0 and --seq-kd need the teacher model "
+                "(--teacher)"
+            )
+        if self.replay_buffer < 0:
+            out.append(f"--replay-buffer must be >= 0, got {self.replay_buffer}")
+        if not 0.0 <= self.replay_ratio <= 1.0:
+            out.append(f"--replay-ratio must be in [0, 1], got {self.replay_ratio}")
+        if self.replay_ratio > 0 and not self.replay_buffer:
+            out.append("--replay-ratio needs a buffer to draw from (--replay-buffer N)")
+        if self.replay_buffer and not self.lmbda > 0:
+            out.append("--replay-buffer keeps the student's samples: it needs --lmbda > 0")
+        if not (math.isfinite(self.gen_temperature) and self.gen_temperature > 0):
+            out.append(f"--gen-temperature must be a finite number > 0, got {self.gen_temperature}")
+        if not 0.0 < self.gen_top_p <= 1.0:
+            out.append(f"--gen-top-p must be in (0, 1], got {self.gen_top_p}")
+        if self.gen_top_k < 0:
+            out.append(f"--gen-top-k must be >= 0 (0 = off), got {self.gen_top_k}")
+        if self.gen_max_new_tokens is not None and self.gen_max_new_tokens < 1:
+            out.append(f"--gen-max-new-tokens must be at least 1, got {self.gen_max_new_tokens}")
+        return out
+
+    def policy_options(self, data_max_response: int) -> PolicyOptions:
+        """The on-policy options, with the generation length resolved against the data."""
+        return PolicyOptions(
+            lmbda=self.lmbda,
+            seq_kd=self.seq_kd,
+            on_policy_ce=self.on_policy_ce,
+            replay_buffer=self.replay_buffer,
+            replay_ratio=self.replay_ratio,
+            temperature=self.gen_temperature,
+            top_p=self.gen_top_p,
+            top_k=self.gen_top_k,
+            max_new_tokens=self.gen_max_new_tokens or data_max_response,
+        )
 
 
 def _report_targets(text: str) -> list[str]:
@@ -467,17 +538,19 @@ def _train(config: TrainConfig, accelerator: Any, folder: OutputFolder) -> Path:
     # ---- Setup: everything that can refuse the run comes before --out is touched.
     cache = _open_teacher_cache(config)
     data = _setup_data(config, accelerator, cache)
+    policy = _setup_policy(config, data)
     identity = run_identity(config, data.train_set)
     changes = check_resume(run_dir, config, accelerator.num_processes, identity) if config.resume else {}
     student = _setup_student(config, accelerator)
     teacher = _setup_teacher(config, accelerator, data.tokenizer, student, cache)
     model, optimizer, scheduler = _setup_optimizer(config, accelerator, student, teacher, data.total_steps)
+    responses = _setup_responses(config, accelerator, data, policy, model)
     _take_over_run_dir(config, accelerator, folder)
     state = _resume(config, accelerator, run_dir, data.total_steps)
     if accelerator.is_main_process:
         append_segment(run_dir, config, accelerator, identity, changes, state.global_step)
     reporter = _Reporter(run_dir, config, data.total_steps, state, accelerator.is_main_process)
-    window = _Window(device)
+    window = _Window(device, timed=teacher.timer is not None, generating=responses is not None)
     last_saved = state.global_step if list_checkpoints(run_dir) else -1
     skips_in_a_row = 0
 
@@ -487,11 +560,14 @@ def _train(config: TrainConfig, accelerator: Any, folder: OutputFolder) -> Path:
         with _StopRequest() as stop:
             while state.global_step < data.total_steps:
                 step = data.plan.step(state)
-                sums = _forward_backward(config, accelerator, model, data, teacher, step)
+                batches = _step_batches(config, accelerator, model, data, teacher, responses, step, state)
+                reporter.samples(batches.samples)
+                sums = _forward_backward(config, accelerator, model, data, teacher, step, batches)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                if _finite_step(accelerator, sums, grad_norm):
+                applied = _finite_step(accelerator, sums, grad_norm)
+                window.add(sums, applied)
+                if applied:
                     optimizer.step()
-                    window.add(sums)
                     skips_in_a_row = 0
                 else:  # nothing non-finite reaches the weights: stop, or skip this update and count it
                     skips_in_a_row = _skip_or_stop(
@@ -499,8 +575,7 @@ def _train(config: TrainConfig, accelerator: Any, folder: OutputFolder) -> Path:
                     )
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                epoch_float, end_of_epoch = data.plan.advance(state, step)
-                window.tokens += data.plan.tokens(step)
+                epoch_float, end_of_epoch = data.plan.advance(state, step, batches.num_items)
                 reporter.advance(epoch_float)
                 done = state.global_step >= data.total_steps
 
@@ -593,13 +668,14 @@ class _DataPlan:
     def tokens(self, step: list[list[int]]) -> int:
         return sum(self.lengths[i] for micro in step for i in micro)
 
-    def advance(self, state: TrainerState, step: list[list[int]]) -> tuple[float, bool]:
-        """Move ``state`` past ``step``; returns the epoch reached (fractional) and whether it ended one."""
+    def advance(self, state: TrainerState, step: list[list[int]], supervised: int) -> tuple[float, bool]:
+        """Move ``state`` past ``step``, which trained on ``supervised`` tokens; returns the epoch reached
+        (fractional) and whether it ended one."""
         steps = len(self.epoch(state.epoch))
         epoch_float = state.epoch + (state.step_in_epoch + 1) / steps
         state.global_step += 1
         state.step_in_epoch += 1
-        state.tokens_seen += self.supervised_tokens(step)
+        state.tokens_seen += supervised
         end_of_epoch = state.step_in_epoch == steps
         if end_of_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -621,7 +697,10 @@ class _Data:
         self, indices: Sequence[int], device: torch.device, examples: Sequence[dict] | None = None
     ) -> dict[str, Tensor]:
         rows = self.train_set if examples is None else examples
-        return {k: v.to(device) for k, v in self.collate([rows[i] for i in indices]).items()}
+        return self.collated([rows[i] for i in indices], device)
+
+    def collated(self, examples: Sequence[dict], device: torch.device) -> dict[str, Tensor]:
+        return {k: v.to(device) for k, v in self.collate(list(examples)).items()}
 
 
 def _open_teacher_cache(config: TrainConfig) -> Any:
@@ -689,6 +768,43 @@ def _load_data(config: TrainConfig, tokenizer: Any) -> tuple[list[dict], list[An
     return train_set, dev_examples, dev_set
 
 
+def _setup_policy(config: TrainConfig, data: _Data) -> PolicyOptions | None:
+    """The on-policy options (None when every step trains on the data), checked against the models'
+    positions before any weights load."""
+    if not isinstance(config, DistillConfig):
+        return None
+    from todi.onpolicy import prompt_of
+
+    prompts = [len(prompt_of(example)) for example in data.train_set]
+    longest_response = max(len(e["input_ids"]) - n for e, n in zip(data.train_set, prompts))
+    policy = config.policy_options(max(longest_response, 1))
+    if not policy.generates:
+        return None
+    needed = max(prompts) + policy.max_new_tokens
+    for flag, path in (("--student", config.student_path), ("--teacher", config.teacher_path)):
+        positions = _max_positions(path, config.trust_remote_code)
+        if positions is not None and needed > positions:
+            raise UsageError(
+                f"a generated sequence can reach {needed} tokens (longest prompt {max(prompts)} + "
+                f"--gen-max-new-tokens {policy.max_new_tokens}), past the {positions} positions of {flag} {path}",
+                "lower --gen-max-new-tokens or --max-prompt-length",
+            )
+    return policy
+
+
+def _max_positions(path: str | None, trust_remote_code: bool) -> int | None:
+    """The model's context length from its config alone (no weights); None when the config says none."""
+    if not path:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None  # an adapter folder, say: the model's own loading reports real problems
+    return getattr(model_config, "max_position_embeddings", None)
+
+
 def _setup_student(config: TrainConfig, accelerator: Any) -> nn.Module:
     """The trained model (optionally with LoRA), in ``--dtype``; its weights must be finite."""
     from accelerate.utils import set_seed
@@ -724,6 +840,10 @@ class _Teacher:
     model: nn.Module | None
     cache: Any  # a todi.cache.TeacherCache, or None
     vocab_size: int | None  # the vocabulary both sides share (the loss slices padded heads to it)
+    timer: _ForwardTimer | None = None  # seconds spent in the teacher model's forward passes
+
+    def seconds(self) -> float:
+        return 0.0 if self.timer is None else self.timer.seconds
 
     def for_batch(self, indices: Sequence[int], device: torch.device) -> SparseTeacher | None:
         """The cached teacher rows of these examples; None when the model (or nobody) is the teacher."""
@@ -761,7 +881,30 @@ def _setup_teacher(
                 f"covers {cache.vocab_size}",
                 "use a student with the teacher's tokenizer",
             )
-    return _Teacher(model, cache, vocab_size)
+    return _Teacher(model, cache, vocab_size, None if model is None else _ForwardTimer(model))
+
+
+class _ForwardTimer:
+    """Seconds spent inside a module's forward calls, through forward hooks (on a GPU it waits for the
+    kernels, so the time is the module's and not the next one's)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+        module.register_forward_pre_hook(self._enter)
+        module.register_forward_hook(self._leave)
+
+    def _now(self, module: nn.Module) -> float:
+        device = next(module.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        self._start = self._now(module)
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.seconds += self._now(module) - self._start
 
 
 def _setup_optimizer(
@@ -814,6 +957,25 @@ def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float) -> Ca
     # A plain function on purpose: LambdaLR checkpoints the __dict__ of callable objects, which would
     # pin total_steps on resume; a function is rebuilt from the current options instead.
     return factor
+
+
+def _setup_responses(
+    config: TrainConfig, accelerator: Any, data: _Data, policy: PolicyOptions | None, model: nn.Module
+) -> ResponseSource | None:
+    """What builds each step's batches when responses are generated; its replay buffer is registered
+    with the checkpoint, so it must exist before a resume loads one."""
+    if policy is None:
+        return None
+    from todi.evaluation import eos_token_ids
+    from todi.onpolicy import ReplayBuffer, ResponseSource
+
+    buffer = ReplayBuffer(policy.replay_buffer) if policy.replay_buffer else None
+    if buffer is not None:
+        accelerator.register_for_checkpointing(buffer)
+    eos_ids = eos_token_ids(accelerator.unwrap_model(model).student, data.tokenizer)
+    return ResponseSource(
+        policy, seed=config.seed, pad_id=data.collate.pad_token_id, eos_ids=eos_ids, buffer=buffer
+    )
 
 
 def _take_over_run_dir(config: TrainConfig, accelerator: Any, folder: OutputFolder) -> None:
@@ -880,10 +1042,17 @@ class LossModule(nn.Module):
         num_items_in_batch: int | Tensor | None = None,
         teacher_rows: SparseTeacher | None = None,
         ce_only: bool = False,
+        kd_rate: float | None = None,
+        generate: dict[str, Any] | None = None,
     ) -> Any:
         """``teacher_rows``: the batch's rows of a teacher cache, used instead of the teacher model;
-        ``ce_only``: the cross-entropy alone (dev batches under a teacher cache, which holds no dev rows)."""
-        extra = {"kd_rate": 0.0} if ce_only else {}
+        ``ce_only``: the cross-entropy alone (dev batches under a teacher cache, which holds no dev rows);
+        ``kd_rate``: this batch's instead of the run's (generated batches: the divergence alone);
+        ``generate``: sample from the student with these ``generate`` arguments instead (under FSDP /
+        ZeRO-3 its parameters are whole only inside this root forward, as for the fused head)."""
+        if generate is not None:
+            return self.student.generate(**generate)
+        extra = {"kd_rate": 0.0} if ce_only else {} if kd_rate is None else {"kd_rate": kd_rate}
         return self.loss_fn(
             causal_lm(self.student),
             None if ce_only else (teacher_rows if teacher_rows is not None else self.teacher),
@@ -894,6 +1063,57 @@ class LossModule(nn.Module):
         )
 
 
+def _step_batches(
+    config: TrainConfig,
+    accelerator: Any,
+    model: nn.Module,
+    data: _Data,
+    teacher: _Teacher,
+    responses: ResponseSource | None,
+    step: list[list[int]],
+    state: TrainerState,
+) -> StepBatches:
+    """This rank's micro-batches of the step: the data's examples, or (see :mod:`todi.onpolicy`)
+    responses sampled by the student or the teacher for their prompts."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    micro_batches = list(enumerate(step))[rank::world]
+    num_items = data.plan.supervised_tokens(step)
+    if responses is None:
+        examples = [[data.train_set[i] for i in micro] for _, micro in micro_batches]
+        return StepBatches(
+            examples, "data", num_items, sum(len(e["input_ids"]) for b in examples for e in b), None
+        )
+    from todi.onpolicy import gather_objects
+
+    sharded = is_sharded(accelerator)
+    generators = {
+        # Sharded students generate through the root forward, where their parameters are whole.
+        "student": (lambda **kw: model(None, generate=kw))
+        if sharded
+        else accelerator.unwrap_model(model).student.generate,
+        "teacher": teacher.model.generate if teacher.model is not None else None,
+    }
+    model.eval()  # the student samples as it will answer: without dropout
+    with _keep_rng(), torch.no_grad():
+        batches = responses.for_step(
+            state.global_step,
+            micro_batches,
+            data.train_set,
+            num_items,
+            generators=generators,
+            device=accelerator.device,
+            world=gather_objects(accelerator),
+            synced_gpus=sharded,
+        )
+    model.train()
+    batches.samples = (
+        [s for part in gather_objects(accelerator)(batches.samples) for s in part]
+        if config.save_samples
+        else []
+    )
+    return batches
+
+
 def _forward_backward(
     config: TrainConfig,
     accelerator: Any,
@@ -901,23 +1121,28 @@ def _forward_backward(
     data: _Data,
     teacher: _Teacher,
     step: list[list[int]],
+    batches: StepBatches,
 ) -> _Sums:
     """This rank's micro-batches of the step: forward, backward (gradients accumulate); their loss parts."""
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    num_items = data.plan.supervised_tokens(step)
     # The loss is normalised by the supervised tokens of the whole global step (all micro-batches and
     # ranks); accelerate divides it by grad_accum and DDP averages gradients over ranks, so scaling by
     # both makes the update the gradient of exactly that normalised loss, whatever the split.
     loss_scale = config.grad_accum * world
     sums = _Sums.zeros(device)
-    for micro in step[rank::world]:
-        batch = data.batch(micro, device)
-        rows = teacher.for_batch(micro, device)
+    started, teacher_before = time.perf_counter(), teacher.seconds()
+    for micro, examples in zip(step[rank::world], batches.micro_batches):
+        batch = data.collated(examples, device)
+        rows = teacher.for_batch(micro, device) if batches.kind == "data" else None
         # accumulate() skips the gradient all-reduce on all but the last micro-batch.
         with accelerator.accumulate(model):
-            out = model(batch, num_items_in_batch=num_items, teacher_rows=rows)
+            out = model(
+                batch, num_items_in_batch=batches.num_items, teacher_rows=rows, kd_rate=batches.kd_rate
+            )
             accelerator.backward(out.loss * loss_scale)
         sums.add(out)
+    teacher_s = teacher.seconds() - teacher_before
+    sums.record_step(batches, teacher_s, time.perf_counter() - started - teacher_s)
     return sums
 
 
@@ -931,10 +1156,37 @@ class _Sums:
     kd: Tensor
     fkl_share_x_tokens: Tensor  # ToDi's FKL share (LossOutput.todi_weight) times the tokens it averages
     todi_tokens: Tensor  # the tokens that have a ToDi weight (none for other divergences)
+    tokens: Tensor  # tokens of the micro-batches (prompt and response)
+    # Where the step's time went and what generation did (see todi.onpolicy.GeneratedStats); seconds and
+    # generated_steps are per rank, so the window divides their sums over ranks by the number of ranks.
+    teacher_s: Tensor
+    student_s: Tensor
+    gen_s: Tensor
+    generated_steps: Tensor
+    gen_sequences: Tensor
+    gen_tokens: Tensor
+    gen_eos: Tensor
+    replayed: Tensor
 
     @classmethod
     def zeros(cls, device: torch.device) -> _Sums:
-        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(5)))
+        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in dataclasses.fields(cls)))
+
+    def record_step(self, batches: StepBatches, teacher_s: float, student_s: float) -> None:
+        """The step's tokens, timings and generation figures (host numbers: no device sync)."""
+        stats = batches.stats
+        for name, value in (
+            ("tokens", batches.tokens),
+            ("teacher_s", teacher_s),
+            ("student_s", student_s),
+            ("gen_s", stats.seconds),
+            ("generated_steps", stats.generated_steps),
+            ("gen_sequences", stats.sequences),
+            ("gen_tokens", stats.tokens),
+            ("gen_eos", stats.eos),
+            ("replayed", stats.replayed),
+        ):
+            getattr(self, name).add_(value)
 
     def add(self, out: LossOutput) -> None:
         self.loss += out.loss.detach().double()
@@ -959,18 +1211,24 @@ class _Sums:
 
 
 class _Window:
-    """The training metrics of the steps since the last log line."""
+    """The training metrics of the steps since the last log line. ``timed``: report where a step's time
+    went (teacher, student); ``generating``: report what the step's generation did."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, *, timed: bool = False, generating: bool = False) -> None:
+        self.device, self.timed, self.generating = device, timed, generating
         self._reset()
 
     def _reset(self) -> None:
-        self.sums, self.steps, self.tokens, self.start = _Sums.zeros(self.device), 0, 0, time.perf_counter()
+        self.sums, self.steps, self.start = _Sums.zeros(self.device), 0, time.perf_counter()
+        self.spent, self.all_steps = _Sums.zeros(self.device), 0  # skipped steps too: their time was spent
 
-    def add(self, sums: _Sums) -> None:
-        self.sums += sums
-        self.steps += 1
+    def add(self, sums: _Sums, applied: bool) -> None:
+        """A step's sums; its loss parts count only when its update was ``applied`` (finite)."""
+        self.spent += sums
+        self.all_steps += 1
+        if applied:
+            self.sums += sums
+            self.steps += 1
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -986,6 +1244,7 @@ class _Window:
     ) -> dict[str, Any]:
         """The window's record for metrics.jsonl (means per applied step), then a new window."""
         sums = self.sums.over_ranks(accelerator)
+        spent = self.spent.over_ranks(accelerator)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
 
         def per_step(value: float) -> float:
@@ -1000,12 +1259,34 @@ class _Window:
             "kd": per_step(sums["kd"]),
             "todi_weight": sums["fkl_share_x_tokens"] / sums["todi_tokens"] if sums["todi_tokens"] else None,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": self.tokens / elapsed,
+            "tokens_per_s": spent["tokens"] / elapsed,
             "peak_mem": _peak_memory_mib(),
         }
         if state.extra.get("skipped_steps"):
             record["skipped_steps"] = state.extra["skipped_steps"]
+        record.update(self._where_time_went(spent, accelerator.num_processes))
         self._reset()
+        return record
+
+    def _where_time_went(self, spent: dict[str, float], world: int) -> dict[str, Any]:
+        """Per step (seconds: per rank) over every step of the window, skipped ones included."""
+        steps = max(self.all_steps, 1)
+        record: dict[str, Any] = {}
+        if self.timed or self.generating:
+            record |= {
+                "teacher_s": spent["teacher_s"] / world / steps,
+                "student_s": spent["student_s"] / world / steps,
+            }
+        if self.generating:
+            sequences = spent["gen_sequences"]
+            record |= {
+                "generated": spent["generated_steps"] / world / steps,  # share of the steps
+                "gen_s": spent["gen_s"] / world / steps,
+                "gen_tokens": spent["gen_tokens"] / steps,
+                "gen_mean_length": spent["gen_tokens"] / sequences if sequences else None,
+                "gen_eos_share": spent["gen_eos"] / sequences if sequences else None,
+                "replayed": spent["replayed"] / steps,
+            }
         return record
 
 
@@ -1209,7 +1490,9 @@ class _Reporter:
         from tqdm.auto import tqdm
 
         self.metrics = run_dir / METRICS_NAME
-        self._truncate(state.global_step)
+        self.samples_file = run_dir / SAMPLES_NAME
+        self._truncate(self.metrics, state.global_step)
+        self._truncate(self.samples_file, state.global_step)
         targets = _report_targets(config.report_to)
         if "tensorboard" in targets:
             from torch.utils.tensorboard import SummaryWriter
@@ -1227,16 +1510,19 @@ class _Reporter:
             )
         self.bar = tqdm(total=total_steps, initial=state.global_step, desc=config.command, dynamic_ncols=True)
 
-    def _truncate(self, step: int) -> None:
+    @staticmethod
+    def _truncate(path: Path, step: int) -> None:
         """A resumed run redoes the steps after its checkpoint: drop their old records."""
-        if not self.metrics.exists():
+        if not path.exists():
             return
-        kept = [
-            line
-            for line in self.metrics.read_text(encoding="utf-8").splitlines()
-            if _record_step(line) <= step
-        ]
-        self.metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _record_step(line) <= step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def samples(self, samples: list[dict[str, Any]]) -> None:
+        """Generated responses (``--save-samples``), one JSON line each."""
+        if self.active and samples:
+            with self.samples_file.open("a", encoding="utf-8") as file:
+                file.writelines(json.dumps(sample) + "\n" for sample in samples)
 
     def advance(self, epoch: float) -> None:
         if self.bar is not None:
@@ -1262,6 +1548,9 @@ class _Reporter:
             shown = {k: record[k] for k in ("loss", "ce", "kd") if k in record}
             postfix = {k: f"{v:.4f}" for k, v in shown.items()}
             postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
+            if "generated" in record:
+                postfix["gen"] = f"{record['generated']:.2f}"
+                postfix["gen_len"] = f"{record['gen_mean_length'] or 0:.0f}"
             self.bar.set_postfix(postfix, refresh=False)
 
     def write(self, text: str) -> None:
