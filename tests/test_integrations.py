@@ -240,7 +240,7 @@ def test_checkpointing_resume_and_callbacks_keep_the_same_run(assets, reference,
     settings = _settings(assets, resumed_out, grad_accum=2, save_steps=4, activation_checkpointing=True)
     resumed = _train_in_process(monkeypatch, **settings, resume=str(out / "checkpoint-4"))
     assert _max_diff(resumed_out / "final", reference / "final") <= 1e-6
-    assert [r["step"] for r in resumed.state.log_history if "ce" in r][-4:] == [5, 6, 7, 8]
+    _check_logs(resumed.state.log_history, reference)  # steps 1-4 come with checkpoint-4
     _check_logs(first.state.log_history, reference)
 
 
@@ -318,7 +318,9 @@ def test_gkd_trainer_runs_a_todi_divergence(assets, tmp_path, one_intra_op_threa
         s.reshape(-1, vocab).double().numpy(), t.reshape(-1, vocab).double().numpy(), labels, 2.0, 1.0
     )
     assert (labels != IGNORE).sum() > 8
-    assert float(loss.detach()) == pytest.approx(ref["kd"], rel=1e-4)  # kd_rate 1: the divergence alone, like GKD
+    assert float(loss.detach()) == pytest.approx(
+        ref["kd"], rel=1e-4
+    )  # kd_rate 1: the divergence alone, like GKD
 
     before = {k: v.clone() for k, v in student.state_dict().items()}
     trainer.train()

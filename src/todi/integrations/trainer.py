@@ -79,7 +79,8 @@ class TodiDistillationConfig(TrainingArguments):
         default=None, metadata={"help": "PEFT adapter folder merged into the teacher when it loads."}
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow models (student by path, teacher) whose code comes with them."}
+        default=False,
+        metadata={"help": "Allow models (student by path, teacher) whose code comes with them."},
     )
     teacher_dtype: str = field(
         default="auto",
@@ -275,7 +276,7 @@ class TodiTrainer(Trainer):
         from todi.training import _Sums
 
         self._sums = _Sums.zeros(self.args.device)
-        self._logged_step = 0
+        self._window_start: int | None = None  # the global step before the first step of the log window
 
     # ---- setup --------------------------------------------------------------------------------------
 
@@ -403,6 +404,8 @@ class TodiTrainer(Trainer):
         """Add this micro-batch's share of the step's ce / kd (see LossOutput): with the step's count
         over all ranks the shares sum to the step's value over micro-batches and ranks; otherwise they
         are brought to the normalisation of the loss Trainer logs (mean over ranks and micro-batches)."""
+        if self._window_start is None:
+            self._window_start = self.state.global_step  # a resumed run starts at its checkpoint's step
         share = scale / self.accelerator.num_processes
         if num_items_in_batch is None:
             share /= self.current_gradient_accumulation_steps
@@ -450,15 +453,15 @@ class TodiTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # A training log line ("loss" is there; Trainer calls this on every rank, so the sum is collective).
-        if "loss" in logs and self.state.global_step > self._logged_step:
-            steps = self.state.global_step - self._logged_step
+        if "loss" in logs and self._window_start is not None:
+            steps = max(self.state.global_step - self._window_start, 1)
             sums = self._sums.over_ranks(self.accelerator)
             logs["ce"] = sums["ce"] / steps
             logs["kd"] = sums["kd"] / steps
             if sums["todi_tokens"]:
                 logs["todi_weight"] = sums["fkl_share_x_tokens"] / sums["todi_tokens"]
             self._sums = type(self._sums).zeros(self.args.device)
-            self._logged_step = self.state.global_step
+            self._window_start = None
         super().log(logs, start_time)
 
 
@@ -499,4 +502,6 @@ def _default_collator(model: nn.Module, tokenizer: Any) -> Any:
             pad = pad[0] if isinstance(pad, list) and pad else pad
             if isinstance(pad, int):
                 return DataCollator(pad)
-    raise ValueError("TodiTrainer cannot pick a pad token: pass processing_class=tokenizer or a data_collator")
+    raise ValueError(
+        "TodiTrainer cannot pick a pad token: pass processing_class=tokenizer or a data_collator"
+    )
