@@ -326,3 +326,27 @@ def test_gkd_trainer_runs_a_todi_divergence(assets, tmp_path, one_intra_op_threa
     trainer.train()
     assert all(np.isfinite(r["loss"]) for r in trainer.state.log_history if "loss" in r)
     assert max((student.state_dict()[k] - before[k]).abs().max().item() for k in before) > 0
+
+
+@pytest.mark.parametrize(("name", "trl_beta"), [("fkl", 0.0), ("rkl", 1.0), ("js", 0.5)])
+def test_gkd_hook_matches_trls_own_divergences(name, trl_beta, one_intra_op_thread):
+    """TRL's generalised JSD at beta 0 / 1 / 0.5 is forward KL / reverse KL / JS; through the hook, todi's
+    fkl / rkl / js give the same value and gradient (temperature 1, as GKD calls its loss)."""
+    pytest.importorskip("trl", reason="TRL is not installed")
+    try:
+        from trl.experimental.gkd import GKDTrainer
+    except ImportError as err:
+        pytest.skip(f"this TRL has no experimental GKDTrainer ({err})")
+    from todi.integrations import gkd_divergence
+
+    g = torch.Generator().manual_seed(1)
+    student = (torch.randn(3, 7, 29, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    teacher = torch.randn(3, 7, 29, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, 29, (3, 7), generator=g)
+    labels[:, :2] = IGNORE
+    theirs = GKDTrainer.generalized_jsd_loss(student, teacher, labels, beta=trl_beta, num_items_in_batch=17)
+    (grad_theirs,) = torch.autograd.grad(theirs, student)
+    ours = gkd_divergence(name, temperature=1.0)(student, teacher, labels, beta=0.7, num_items_in_batch=17)
+    (grad_ours,) = torch.autograd.grad(ours, student)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-9, atol=1e-12)
