@@ -22,6 +22,7 @@ from tiny import save_llama as _save_llama
 from tiny import write_data as _write_data
 from todi.losses import LossOutput, distillation_loss, fused_linear_distillation_loss
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 needs_tokenizer = pytest.mark.skipif(not GPT2_DIR.is_dir(), reason=f"GPT-2 tokenizer not found at {GPT2_DIR}")
 STEPS = 8  # 48 examples in micro-batches of 4, 2 per step: 6 steps an epoch, so the runs cross into epoch 2
 
@@ -153,14 +154,16 @@ def _settings(assets, out: Path, **extra) -> dict:
 
 
 def _train_in_process(monkeypatch, **settings):
+    """A run in this process; accelerate's process-wide state is reset before (an earlier run's) and
+    kept after it, for the returned trainer (the tests' fresh_accelerate_state fixture resets it last)."""
     monkeypatch.setenv("TODI_COMPILE", "0")
+    _reset_accelerate()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as todi distill ran (run_todi), for the same float sums
     try:
         return trainer_run.train(**settings)
     finally:
         torch.set_num_threads(threads)
-        _reset_accelerate()
 
 
 def _max_diff(a: Path, b: Path) -> float:
@@ -186,6 +189,20 @@ def test_trainer_with_grad_accum_2_equals_todi_distill(assets, reference, tmp_pa
     assert _max_diff(reference / "final", assets.student) > 1e-4, "nothing was trained"
     assert _max_diff(tmp_path / "hf" / "final", reference / "final") <= 1e-6
     _check_logs(trainer.state.log_history, reference)
+
+    # evaluate(): one batch of 6 examples; eval_loss against float64 CE and ToDi of the trained student.
+    examples = trainer.train_dataset[:6]
+    trainer.args.per_device_eval_batch_size = 8
+    eval_loss = trainer.evaluate(eval_dataset=examples)["eval_loss"]
+    batch = trainer.data_collator(examples)
+    with torch.no_grad():
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        s = trainer.model(**inputs).logits[:, :-1].double()
+        t = trainer.teacher_model(**inputs).logits[:, :-1].double()
+    vocab = s.shape[-1]
+    labels = batch["labels"][:, 1:].reshape(-1).numpy()
+    ref = _ref_step(s.reshape(-1, vocab).numpy(), t.reshape(-1, vocab).numpy(), labels, T=2.0, beta=1.0)
+    assert eval_loss == pytest.approx(0.5 * ref["ce"] + 0.5 * ref["kd"], rel=1e-5)
 
 
 @pytest.mark.slow

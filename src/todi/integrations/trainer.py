@@ -372,7 +372,13 @@ class TodiTrainer(Trainer):
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         batch = {key: inputs[key] for key in _BATCH_KEYS if inputs.get(key) is not None}
-        teacher = self.teacher_model if self._cache is None else self._cached_rows(batch)
+        options = self.args.loss_options()
+        teacher: Any = self.teacher_model
+        if self._cache is not None:
+            if model.training:
+                teacher = self._cached_rows(batch)
+            else:  # the cache holds the training examples only: evaluate the CE, as todi distill's dev loss
+                teacher, options["kd_rate"] = None, 0.0
         inner = self.accelerator.unwrap_model(model)
         out = _inside_forward(
             model,
@@ -384,7 +390,7 @@ class TodiTrainer(Trainer):
                 num_items_in_batch=num_items_in_batch,
                 fused=self._fused,
                 vocab_size=self._vocab_size,
-                **self.args.loss_options(),
+                **options,
             ),
         )
         scale = self._rank_scale(num_items_in_batch)
@@ -443,7 +449,8 @@ class TodiTrainer(Trainer):
         prediction_loss_only: bool,
         ignore_keys: list[str] | None = None,
     ) -> tuple[Tensor | None, None, None]:
-        """The evaluation loss only: the fused loss builds no logits to return."""
+        """The evaluation loss only (the objective per supervised token; with a teacher cache, the CE):
+        the fused loss builds no logits to return."""
         loss, _, _ = super().prediction_step(
             model, inputs, prediction_loss_only=True, ignore_keys=ignore_keys
         )
