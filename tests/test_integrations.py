@@ -367,3 +367,33 @@ def test_gkd_hook_matches_trls_own_divergences(name, trl_beta, one_intra_op_thre
     (grad_ours,) = torch.autograd.grad(ours, student)
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+@needs_tokenizer
+def test_push_to_hub_uploads_the_student_alone(assets, tmp_path, monkeypatch):
+    """Offline up to the upload call: the folder Trainer uploads holds the student (not the teacher, which
+    is no part of the model) and its tokenizer."""
+    uploads: list[dict] = []
+
+    class FakeHub:
+        def create_repo(self, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            files = {p.name for p in Path(folder_path).iterdir()}
+            weights = load_file(str(Path(folder_path) / "model.safetensors"))
+            uploads.append({"repo_id": repo_id, "files": files, "weights": weights})
+
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: FakeHub())
+    settings = _settings(assets, tmp_path / "hf", max_steps=1)
+    trainer = _train_in_process(monkeypatch, **settings, push_to_hub=True, hub_model_id="someone/tiny-todi")
+    trainer.push_to_hub()  # after the push save_model(...) made (args.push_to_hub pushes on every save)
+    assert len(uploads) == 2
+    upload = uploads[-1]
+    assert upload["repo_id"] == "someone/tiny-todi"
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= upload["files"]
+    student = load_file(str(assets.student / "model.safetensors"))
+    assert {k: v.shape for k, v in upload["weights"].items()} == {k: v.shape for k, v in student.items()}
+    trained = trainer.model.state_dict()
+    assert all(torch.equal(upload["weights"][k], trained[k]) for k in upload["weights"])
