@@ -221,6 +221,23 @@ def test_trainer_on_two_processes_equals_todi_distill(assets, reference, tmp_pat
     _check_logs(history, reference)
 
 
+@pytest.mark.slow
+@needs_tokenizer
+def test_trainers_own_sampler_accumulation_equals_one_big_batch(assets, tmp_path, monkeypatch):
+    """batch_plan="trainer": Trainer's seeded random order, 2 micro-batches of 4 per step, make the
+    updates of 1 batch of the same 8 examples (the loss is normalised by the step's tokens)."""
+    runs = {}
+    for name, batch_size, accum in (("accum", 4, 2), ("big", 8, 1)):
+        settings = _settings(assets, tmp_path / name, batch_size=batch_size, grad_accum=accum, max_steps=3)
+        runs[name] = _train_in_process(monkeypatch, **settings, batch_plan="trainer")
+    assert _max_diff(tmp_path / "accum" / "final", assets.student) > 1e-4, "nothing was trained"
+    assert _max_diff(tmp_path / "accum" / "final", tmp_path / "big" / "final") <= 1e-5
+    logs = {name: [r for r in run.state.log_history if "ce" in r] for name, run in runs.items()}
+    for a, b in zip(logs["accum"], logs["big"], strict=True):
+        for key in ("loss", "ce", "kd", "todi_weight"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+
+
 class _Recorder:
     """A TrainerCallback noting the steps it saw logged and saved."""
 

@@ -298,12 +298,15 @@ class TodiTrainer(Trainer):
 
                 teacher_tokenizer = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
                 check_tokenizers(teacher_tokenizer, self.processing_class)
-            teacher_model = load_causal_lm(
-                args.teacher,
-                dtype=resolve_dtype(args.teacher_dtype, device, auto=torch.bfloat16),
-                trust_remote_code=args.trust_remote_code,
-                adapter=args.teacher_lora,
-            )
+            from todi.parallel import replicated_loading
+
+            with replicated_loading(self.accelerator):  # whole on every rank, even under ZeRO-3 / FSDP
+                teacher_model = load_causal_lm(
+                    args.teacher,
+                    dtype=resolve_dtype(args.teacher_dtype, device, auto=torch.bfloat16),
+                    trust_remote_code=args.trust_remote_code,
+                    adapter=args.teacher_lora,
+                )
         if teacher_model is None:
             if args.kd_rate > 0:
                 raise ValueError(
