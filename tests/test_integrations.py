@@ -92,8 +92,6 @@ def test_import_stays_light():
         "import sys, todi, todi.integrations, todi.losses\n"
         "heavy = [m for m in ('transformers.trainer', 'trl') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
-        "assert todi.integrations.TodiTrainer.__name__ == 'TodiTrainer'\n"
-        "assert 'transformers.trainer' in sys.modules and 'trl' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], env=ENV, check=True, timeout=120)
 
