@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +18,25 @@ __all__ = ["LossOutput", "check_objective", "distillation_loss", "normaliser", "
 
 @dataclass
 class LossOutput:
-    """A scalar loss and its detached parts.
+    """A scalar loss and its detached parts, all normalised alike so that they add up over a step.
 
-    ``ce`` and ``kd`` are normalised like ``loss`` (so ``loss == (1 - kd_rate) ce + kd_rate kd``);
-    ``todi_weight`` is the mean FKL share of ToDi over this call's supervised tokens (None for
-    other divergences): 1 = pure FKL, 0 = pure RKL (see :func:`todi.divergences.todi_weight`).
+    ``loss``, ``ce`` and ``kd`` are this call's *sums* over its supervised tokens divided by the
+    normaliser: ``num_items_in_batch`` when it was given, else this call's ``num_tokens``. So
+    ``loss == (1 - kd_rate) * ce + kd_rate * kd`` always holds, and:
+
+    - Without ``num_items_in_batch`` each field is this call's mean per supervised token.
+    - With ``num_items_in_batch`` = the supervised tokens of the whole step (every micro-batch of
+      gradient accumulation, on every rank), each field is this call's *share* of the step's value:
+      the step's loss / CE / KD per token is the **sum** of the fields over the step's micro-batches
+      (:meth:`total` does it) and, under data parallelism, over the ranks (an all-reduce with SUM).
+      One micro-batch of two shows about half the step's CE; that is the share, not a bug.
+    - Under DDP (which *averages* gradients over ranks) backpropagate ``loss * world_size`` so that the
+      update is the gradient of the step's loss, as on one process. :class:`todi.integrations.TodiTrainer`
+      and ``todi distill`` do this; a hand-written loop must.
+
+    ``todi_weight`` is ToDi's mean FKL share over *this call's* supervised tokens (None for other
+    divergences): 1 = pure FKL, 0 = pure RKL (see :func:`todi.divergences.todi_weight`). It is a mean,
+    not a share: combine calls by weighting with ``num_tokens`` (:meth:`total` does it).
     """
 
     loss: Tensor
@@ -36,6 +51,32 @@ class LossOutput:
         if self.todi_weight is not None:
             out["todi_weight"] = float(self.todi_weight)
         return out
+
+    @staticmethod
+    def total(outputs: Sequence[LossOutput]) -> LossOutput:
+        """The step's values from the outputs of its micro-batches (all called with the step's
+        ``num_items_in_batch``): ``loss``, ``ce``, ``kd`` and ``num_tokens`` summed, ``todi_weight``
+        averaged over the tokens. ``loss`` keeps its graph. Under DDP, sum the result's fields over the
+        ranks as well (``todi_weight`` weighted by ``num_tokens``)."""
+        if not outputs:
+            raise ValueError("LossOutput.total needs at least one output")
+        num_tokens = sum(out.num_tokens for out in outputs)
+        weighted = [out for out in outputs if out.todi_weight is not None]
+        todi = None
+        if weighted:
+            todi = sum(out.todi_weight.detach() * out.num_tokens for out in weighted) / max(
+                sum(out.num_tokens for out in weighted), 1
+            )
+        loss = outputs[0].loss
+        for out in outputs[1:]:
+            loss = loss + out.loss
+        return LossOutput(
+            loss=loss,
+            ce=sum(out.ce.detach() for out in outputs),
+            kd=sum(out.kd.detach() for out in outputs),
+            num_tokens=num_tokens,
+            todi_weight=todi,
+        )
 
 
 def check_objective(kd_rate: float, temperature: float) -> None:
@@ -77,7 +118,8 @@ def distillation_loss(
         kd_rate: weight of the divergence; CE is taken at temperature 1.
         temperature: divides both logit sets inside the divergence (no T^2 factor).
         num_items_in_batch: supervised tokens of the whole global batch (all micro-batches and ranks);
-            both sums are divided by it. Defaults to this call's count.
+            both sums are divided by it, so the returned fields are this call's share of the step (see
+            :class:`LossOutput`; under DDP backpropagate ``loss * world_size``). Defaults to this call's count.
         params: the divergence's parameters, e.g. ``beta`` for todi.
 
     Returns:
