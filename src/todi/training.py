@@ -80,6 +80,7 @@ from todi.checkpoint import (
 from todi.data import DataCollator, supervised_positions
 from todi.divergences import DIVERGENCES, get_divergence
 from todi.errors import NonFiniteError, Stopped, UsageError
+from todi.formats import parse_columns
 from todi.losses import LossOutput
 from todi.losses.sparse import SparseTeacher
 from todi.models import (
@@ -135,8 +136,22 @@ class TrainConfig(abc.ABC):
 
     data: str = option(
         "",
-        "training data (required): a .jsonl file, a folder holding train.jsonl, a datasets save_to_disk "
-        "folder or a Hub data set name",
+        "training data (required): a .jsonl, .json, .parquet or .csv file, a folder holding train.jsonl, a "
+        "datasets save_to_disk folder or a Hub data set name; records in the instruction/input/output form "
+        "(Dolly's context/response too), prompt/completion or chat messages (docs/data_formats.md)",
+        aliases=["--dataset_name"],
+    )
+    data_config: str | None = option(
+        None, "configuration of a Hub data set (load_dataset's name)", aliases=["--dataset_config"]
+    )
+    data_split: str = option("train", "split of --data to train on", aliases=["--dataset_train_split"])
+    dev_split: str = option(
+        "dev", "split of --dev (dev also finds valid / validation)", aliases=["--dataset_test_split"]
+    )
+    columns: str | None = option(
+        None,
+        "read fields from other columns, FIELD=COLUMN,...: e.g. input=context,output=response, "
+        "messages=conversation (fields: instruction, input, output, prompt, completion, messages)",
     )
     out: str = option("", "run folder (required): config, metrics.jsonl, tb/, checkpoints/, best/, final/")
     dev: str | None = option(
@@ -252,6 +267,10 @@ class TrainConfig(abc.ABC):
                 out.append(text)
 
         need(bool(self.data), "--data is required")
+        try:
+            parse_columns(self.columns)
+        except UsageError as err:
+            out.append(str(err))
         need(bool(self.out), "--out is required")
         need(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
         need(not self.resume_changed or self.resume, "--resume-changed applies to --resume")
@@ -679,12 +698,15 @@ def _load_data(config: TrainConfig, tokenizer: Any) -> tuple[list[dict], list[An
         "max_prompt_length": config.max_prompt_length,
         "max_length": config.max_length,
     }
-    examples = load_examples(config.data, "train", max_examples=config.max_examples)
+    source = {"columns": config.columns, "hub_config": config.data_config}
+    examples = load_examples(config.data, config.data_split, max_examples=config.max_examples, **source)
     train_set, _ = encode_examples(examples, tokenizer, **lengths)
     dev_examples: list[Any] = []
     dev_set: list[dict] = []
     if config.dev:
-        dev_examples = load_examples(config.dev, "dev", max_examples=config.dev_max_examples)
+        dev_examples = load_examples(
+            config.dev, config.dev_split, max_examples=config.dev_max_examples, **source
+        )
         dev_set, _ = encode_examples(dev_examples, tokenizer, **lengths)
     return train_set, dev_examples, dev_set
 
