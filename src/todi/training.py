@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -78,7 +78,7 @@ from todi.checkpoint import (
     save_checkpoint,
 )
 from todi.data import DataCollator, supervised_positions
-from todi.divergences import DIVERGENCES, get_divergence
+from todi.divergences import DIVERGENCES, get_divergence, parse_params, registered_names
 from todi.errors import NonFiniteError, Stopped, UsageError
 from todi.formats import parse_columns
 from todi.losses import LossOutput
@@ -93,6 +93,13 @@ from todi.models import (
     load_causal_lm,
     load_tokenizer,
     resolve_dtype,
+)
+from todi.optim import (
+    build_optimizer,
+    build_scheduler,
+    cosine_schedule,
+    optimizer_problem,
+    resolve_warmup,
 )
 from todi.options import option
 from todi.outputs import OutputFolder
@@ -153,7 +160,11 @@ class TrainConfig(abc.ABC):
         "read fields from other columns, FIELD=COLUMN,...: e.g. input=context,output=response, "
         "messages=conversation (fields: instruction, input, output, prompt, completion, messages)",
     )
-    out: str = option("", "run folder (required): config, metrics.jsonl, tb/, checkpoints/, best/, final/")
+    out: str = option(
+        "",
+        "run folder (required): config, metrics.jsonl, tb/, checkpoints/, best/, final/",
+        aliases=["--output_dir"],
+    )
     dev: str | None = option(
         None, "dev data, scored during training (dev loss, dev ROUGE-L); a folder gives its dev.jsonl"
     )
@@ -185,16 +196,41 @@ class TrainConfig(abc.ABC):
         "bucket", "batch examples of similar length together (less padding)"
     )
     # optimisation
-    epochs: int = option(10, "passes over the training data (ignored when --max-steps is set)")
+    epochs: int = option(
+        10, "passes over the training data (ignored when --max-steps is set)", aliases=["--num_train_epochs"]
+    )
     max_steps: int = option(0, "optimizer steps to run; 0 = --epochs full passes")
-    batch_size: int = option(8, "examples per micro-batch per device")
-    grad_accum: int = option(1, "micro-batches per optimizer step per device")
-    lr: float = option(5e-4, "peak learning rate (AdamW)")
+    batch_size: int = option(
+        8, "examples per micro-batch per device", aliases=["--per_device_train_batch_size"]
+    )
+    grad_accum: int = option(
+        1, "micro-batches per optimizer step per device", aliases=["--gradient_accumulation_steps"]
+    )
+    lr: float = option(5e-4, "peak learning rate", aliases=["--learning_rate"])
+    optim: Literal[
+        "adamw", "adamw_torch", "adamw_fused", "adamw_torch_fused", "sgd", "adamw_8bit", "adamw_bnb_8bit"
+    ] = option(
+        "adamw",
+        "optimizer: adamw (PyTorch's AdamW), adamw_fused (its fused kernel), sgd, adamw_8bit (bitsandbytes); "
+        "the Trainer's names adamw_torch, adamw_torch_fused, adamw_bnb_8bit work too",
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option(
+        "cosine",
+        "learning-rate schedule after the warm-up: cosine (todi's, decays to --min-lr), or transformers' "
+        "linear, constant, constant_with_warmup",
+        aliases=["--lr_scheduler_type"],
+    )
     min_lr: float = option(0.0, "learning rate at the end of the cosine decay")
-    warmup_steps: int = option(0, "steps of linear warm-up before the cosine decay")
+    warmup_steps: int = option(0, "steps of linear warm-up before the decay")
+    warmup_ratio: float = option(
+        0.0, "warm-up as a share of all steps (rounded up); instead of --warmup-steps"
+    )
     weight_decay: float = option(0.0, "AdamW weight decay, applied to weight matrices only")
     max_grad_norm: float = option(1.0, "gradient clipping threshold (global L2 norm)")
     seed: int = option(42, "seed of initialisation (LoRA), data order and dropout")
+    gradient_checkpointing: bool = option(
+        False, "recompute activations in the backward pass (less memory, more compute)"
+    )
     # precision and memory
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "dtype of the trained weights; auto = float32 (with bf16 autocast on GPUs)"
@@ -215,20 +251,105 @@ class TrainConfig(abc.ABC):
     lora_target: str = option("all-linear", "LoRA target modules: all-linear or comma-separated module names")
     keep_adapter: bool = option(False, "export the LoRA adapter instead of merging it into the weights")
     # evaluation
-    eval_every: int = option(0, "evaluate on --dev every N steps; 0 = at the end of every epoch")
+    eval_every: int = option(
+        0, "evaluate on --dev every N steps; 0 = at the end of every epoch", aliases=["--eval_steps"]
+    )
     eval_seeds: str = option("10", "comma-separated sampling seeds for dev ROUGE-L (mean over seeds)")
     eval_max_new_tokens: int = option(256, "tokens generated per dev answer")
     eval_batch_size: int = option(8, "dev prompts generated at once per device")
     # checkpoints and logs
     save_every: int = option(
-        500, "checkpoint every N steps (also after every evaluation and at the end); 0 = off"
+        500,
+        "checkpoint every N steps (also after every evaluation and at the end); 0 = off",
+        aliases=["--save_steps"],
     )
     save_best: int = option(1, "keep the N checkpoints with the best dev score (ROUGE-L), besides the newest")
-    keep_last: int = option(2, "keep the N newest checkpoints (>= 2 leaves one to fall back on)")
-    log_every: int = option(10, "write metrics every N steps")
+    keep_last: int = option(
+        2, "keep the N newest checkpoints (>= 2 leaves one to fall back on)", aliases=["--save_total_limit"]
+    )
+    log_every: int = option(10, "write metrics every N steps", aliases=["--logging_steps"])
     report_to: str = option("tensorboard", "comma-separated: tensorboard, wandb, none (metrics.jsonl always)")
+    push_to_hub: bool = option(False, "upload OUT/final to the Hugging Face Hub once the run has succeeded")
+    hub_model_id: str | None = option(None, "Hub repository for --push-to-hub (default: the name of --out)")
 
     command = "train"
+    # `--help` shows the options in these groups (see todi.cli); every option belongs to one.
+    option_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "required": ("model", "teacher", "student", "data", "out"),
+        "data": (
+            "data_config",
+            "data_split",
+            "columns",
+            "dev",
+            "dev_split",
+            "template",
+            "max_length",
+            "max_prompt_length",
+            "max_examples",
+            "dev_max_examples",
+            "group_by_length",
+        ),
+        "training": (
+            "epochs",
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "optim",
+            "lr_scheduler",
+            "min_lr",
+            "warmup_steps",
+            "warmup_ratio",
+            "weight_decay",
+            "max_grad_norm",
+            "seed",
+            "gradient_checkpointing",
+            "dtype",
+            "mixed_precision",
+            "trust_remote_code",
+            "lora_r",
+            "lora_alpha",
+            "lora_dropout",
+            "lora_target",
+            "keep_adapter",
+            "nan_policy",
+        ),
+        "distillation": (
+            "teacher_cache",
+            "cache_tail",
+            "teacher_lora",
+            "teacher_dtype",
+            "loss",
+            "kd_rate",
+            "temperature",
+            "beta",
+            "skew",
+            "mu",
+            "loss_params",
+            "plugin",
+            "fused",
+            "chunk_size",
+            "compile",
+        ),
+        "evaluation on --dev": ("eval_every", "eval_seeds", "eval_max_new_tokens", "eval_batch_size"),
+        "output": (
+            "resume",
+            "resume_changed",
+            "overwrite",
+            "save_every",
+            "save_best",
+            "keep_last",
+            "log_every",
+            "report_to",
+            "push_to_hub",
+            "hub_model_id",
+        ),
+    }
+    # Trainer flags that set another option: --bf16 [true|false] -> --mixed-precision bf16 (false: no).
+    flag_values: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "bf16": ("mixed_precision", "bf16", "no"),
+        "fp16": ("mixed_precision", "fp16", "no"),
+    }
 
     def __post_init__(self) -> None:
         self.check()
@@ -302,6 +423,18 @@ class TrainConfig(abc.ABC):
         for name in ("warmup_steps", "save_every", "save_best", "eval_every", "lora_r"):
             value = getattr(self, name)
             need(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(
+            not (self.warmup_ratio and self.warmup_steps),
+            "give one of --warmup-steps and --warmup-ratio, not both",
+        )
+        need(
+            self.lr_scheduler == "cosine" or not self.min_lr,
+            f"--min-lr applies to --lr-scheduler cosine (the {self.lr_scheduler} schedule ends at 0)",
+        )
+        problem = optimizer_problem(self.optim)
+        need(problem is None, problem or "")
+        need(not self.hub_model_id or self.push_to_hub, "--hub-model-id applies to --push-to-hub")
         need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr], got {self.min_lr}")
         need(
@@ -341,7 +474,11 @@ class TrainConfig(abc.ABC):
 class SFTConfig(TrainConfig):
     """Fine-tune a causal LM on instruction data (cross-entropy on the response tokens)."""
 
-    model: str = option("", "model to fine-tune (required): a local folder or a Hugging Face Hub id")
+    model: str = option(
+        "",
+        "model to fine-tune (required): a local folder or a Hugging Face Hub id",
+        aliases=["--model_name_or_path"],
+    )
 
     command = "sft"
 
@@ -361,7 +498,9 @@ class DistillConfig(TrainConfig):
     """Distil a teacher into a student: (1 - kd_rate) CE + kd_rate divergence(teacher || student)."""
 
     teacher: str = option(
-        "", "teacher (required unless --teacher-cache): a local folder (e.g. runs/teacher/final) or a Hub id"
+        "",
+        "teacher (required unless --teacher-cache): a local folder (e.g. runs/teacher/final) or a Hub id",
+        aliases=["--teacher_model_name_or_path"],
     )
     teacher_cache: str | None = option(
         None,
@@ -374,7 +513,9 @@ class DistillConfig(TrainConfig):
         "the tail tokens the cache drew; bucket = on the k stored tokens + one tail bucket (fastest); "
         "uniform = on all tokens, the tail mass spread evenly (see docs/performance.md)",
     )
-    student: str = option("", "student to train (required): a local folder or a Hub id")
+    student: str = option(
+        "", "student to train (required): a local folder or a Hub id", aliases=["--model_name_or_path"]
+    )
     teacher_lora: str | None = option(None, "PEFT adapter folder merged into the teacher when it loads")
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "teacher dtype; auto = bfloat16 on GPUs, float32 on CPU"
@@ -385,6 +526,16 @@ class DistillConfig(TrainConfig):
     beta: float | None = option(None, "ToDi: sharpness of the FKL/RKL weight (default 1.0)")
     skew: float | None = option(None, "skl / srkl: mixing weight (default 0.1)")
     mu: float | None = option(None, "akl: head/tail threshold (default 0.5)")
+    loss_params: str | None = option(
+        None,
+        "parameters of the --loss divergence, NAME=VALUE,... (e.g. beta=2 for todi); any registered "
+        "divergence, a --plugin's included, checks its own",
+    )
+    plugin: str | None = option(
+        None,
+        "comma-separated modules to import first; they register divergences for --loss (installed packages "
+        "can use the entry point group todi.divergences instead)",
+    )
 
     command = "distill"
 
@@ -414,9 +565,10 @@ class DistillConfig(TrainConfig):
         }
 
     def divergence_params(self) -> dict[str, float]:
-        return {
+        named = {
             name: getattr(self, name) for name in ("beta", "skew", "mu") if getattr(self, name) is not None
         }
+        return named | parse_params(self.loss_params)
 
     def loss_options(self) -> dict[str, Any]:
         options = {"divergence": self.loss, "kd_rate": self.kd_rate, "temperature": self.temperature}
@@ -435,13 +587,28 @@ class DistillConfig(TrainConfig):
         if not (math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
             # Below it softmax(z / T) is a hard argmax whose 1/T gradient scale overflows float32.
             out.append(f"--temperature must be a finite number >= {MIN_TEMPERATURE}, got {self.temperature}")
-        if self.loss not in DIVERGENCES:
-            out.append(f"--loss: unknown divergence {self.loss!r} (choose one of {', '.join(DIVERGENCES)})")
-        else:
-            try:
-                get_divergence(self.loss).resolve(self.divergence_params())
-            except ValueError as err:
-                out.append(f"--loss {self.loss}: {err}")
+        from todi.plugins import load_plugins
+
+        try:
+            load_plugins(self.plugin)  # before --loss is looked up: plugins register divergences
+        except UsageError as err:
+            out.append(str(err))
+        try:
+            params = parse_params(self.loss_params)
+            both = sorted(
+                set(params) & {name for name in ("beta", "skew", "mu") if getattr(self, name) is not None}
+            )
+            if both:
+                out.append(f"--loss-params gives {', '.join(both)} that --{both[0]} also gives; keep one")
+            get_divergence(self.loss).resolve(self.divergence_params())
+        except ValueError as err:
+            if str(err).startswith("unknown divergence"):
+                known = ", ".join(registered_names())
+                out.append(
+                    f"--loss: unknown divergence {self.loss!r} (choose one of {known}, or add one with --plugin)"
+                )
+            else:
+                out.append(f"--loss {self.loss}: {err}" if not str(err).startswith("--") else str(err))
         return out + super().problems()
 
 
@@ -477,7 +644,13 @@ def train(config: TrainConfig) -> Path:
     )
     folder.check(reuse=config.resume)  # read-only: every rank may run it
     with claimed(accelerator, folder):
-        return _train(config, accelerator, folder)
+        final = _train(config, accelerator, folder)
+    if config.push_to_hub and accelerator.is_main_process:  # only once the run folder is complete
+        from todi.hub import push_folder
+
+        repo = config.hub_model_id or Path(config.out).resolve().name
+        push_folder(final, repo, commit_message=f"todi {config.command}: {Path(config.out).name}")
+    return final
 
 
 def _train(config: TrainConfig, accelerator: Any, folder: OutputFolder) -> Path:
@@ -718,6 +891,11 @@ def _setup_student(config: TrainConfig, accelerator: Any) -> nn.Module:
     set_seed(config.seed)  # LoRA initialisation and dropout; a resume restores the RNG states later
     student = _build_student(config, resolve_dtype(config.dtype, accelerator.device))
     check_finite_parameters(student, f"student {config.student_path}")
+    if config.gradient_checkpointing:
+        # Non-reentrant: it needs no input that requires grad, so frozen embeddings (LoRA) work as they are.
+        causal_lm(student).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     trainable, total = count_parameters(student)
     logger.info(
         "student %s: %.1fM of %.1fM parameters trainable", config.student_path, trainable / 1e6, total / 1e6
@@ -789,7 +967,7 @@ def _setup_teacher(
 def _setup_optimizer(
     config: TrainConfig, accelerator: Any, student: nn.Module, teacher: _Teacher, total_steps: int
 ) -> tuple[nn.Module, Any, Any]:
-    """The student with its objective (:class:`LossModule`), AdamW and the cosine schedule, prepared by
+    """The student with its objective (:class:`LossModule`), the optimizer and schedule (:mod:`todi.optim`), prepared by
     accelerate (DDP / FSDP / DeepSpeed wrap them here)."""
     from todi.losses import causal_lm_distillation_loss
 
@@ -801,9 +979,14 @@ def _setup_optimizer(
         compile=config.compile,
     )
     model = LossModule(student, teacher.model, loss_fn)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-    schedule = cosine_schedule(config.warmup_steps, total_steps, config.min_lr / config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer = build_optimizer(config.optim, _param_groups(model, config.weight_decay), config.lr)
+    scheduler = build_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        warmup=resolve_warmup(config.warmup_steps, config.warmup_ratio, total_steps),
+        total_steps=total_steps,
+        min_ratio=config.min_lr / config.lr,
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     module = accelerator.unwrap_model(model)
     module.fused = config.fused
@@ -822,20 +1005,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
-
-
-def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier for step ``step``: linear warm-up to 1, then cosine decay to ``min_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    # A plain function on purpose: LambdaLR checkpoints the __dict__ of callable objects, which would
-    # pin total_steps on resume; a function is rebuilt from the current options instead.
-    return factor
 
 
 def _take_over_run_dir(config: TrainConfig, accelerator: Any, folder: OutputFolder) -> None:
