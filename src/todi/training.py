@@ -892,15 +892,22 @@ def _setup_student(config: TrainConfig, accelerator: Any) -> nn.Module:
     student = _build_student(config, resolve_dtype(config.dtype, accelerator.device))
     check_finite_parameters(student, f"student {config.student_path}")
     if config.gradient_checkpointing:
-        # Non-reentrant: it needs no input that requires grad, so frozen embeddings (LoRA) work as they are.
-        causal_lm(student).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        _enable_activation_checkpointing(causal_lm(student))
     trainable, total = count_parameters(student)
     logger.info(
         "student %s: %.1fM of %.1fM parameters trainable", config.student_path, trainable / 1e6, total / 1e6
     )
     return student
+
+
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    """``--gradient-checkpointing``, non-reentrant: it needs no input that requires grad, so frozen
+    embeddings (LoRA) work as they are. transformers 5 renamed the method; 4.x has the old name only."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _build_student(config: TrainConfig, dtype: torch.dtype) -> nn.Module:
