@@ -363,3 +363,18 @@ def test_distill_reads_parquet_and_columns_like_jsonl(tmp_path, tok, fresh_accel
     segment = json.loads((tmp_path / "b" / "segments.jsonl").read_text().splitlines()[-1])
     first = json.loads((tmp_path / "a" / "segments.jsonl").read_text().splitlines()[-1])
     assert segment["identity"]["data"] == first["identity"]["data"]  # the encoded data is the same
+
+
+def test_eval_reads_table_files_with_columns(tmp_path):
+    from todi.evaluation import _load_datasets, resolve_datasets
+
+    dolly = [{"q": r["instruction"], "ctx": r["input"], "a": [r["output"], "bye"]} for r in RECORDS]
+    path = (
+        write_table(tmp_path / "mine" / "test.parquet", dolly)
+        if (tmp_path / "mine").mkdir() is None
+        else None
+    )
+    sources = resolve_datasets(str(path))
+    assert sources == {"mine": path}
+    loaded = _load_datasets(sources, None, "instruction=q,input=ctx,output=a")
+    assert [e.references for e in loaded["mine"]] == [(r["output"], "bye") for r in RECORDS]
