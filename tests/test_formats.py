@@ -369,11 +369,8 @@ def test_eval_reads_table_files_with_columns(tmp_path):
     from todi.evaluation import _load_datasets, resolve_datasets
 
     dolly = [{"q": r["instruction"], "ctx": r["input"], "a": [r["output"], "bye"]} for r in RECORDS]
-    path = (
-        write_table(tmp_path / "mine" / "test.parquet", dolly)
-        if (tmp_path / "mine").mkdir() is None
-        else None
-    )
+    (tmp_path / "mine").mkdir()
+    path = write_table(tmp_path / "mine" / "test.parquet", dolly)
     sources = resolve_datasets(str(path))
     assert sources == {"mine": path}
     loaded = _load_datasets(sources, None, "instruction=q,input=ctx,output=a")
