@@ -375,3 +375,28 @@ def test_eval_reads_table_files_with_columns(tmp_path):
     assert sources == {"mine": path}
     loaded = _load_datasets(sources, None, "instruction=q,input=ctx,output=a")
     assert [e.references for e in loaded["mine"]] == [(r["output"], "bye") for r in RECORDS]
+
+
+@pytest.mark.slow
+def test_sft_on_multi_turn_messages_with_dev_rouge(tmp_path, tok, fresh_accelerate_state):
+    """Conversations train (assistant turns only) and score on --dev: the chat prompt up to the last turn."""
+    model = save_llama(tmp_path / "model", tok, hidden=32, seed=0)
+    chats = [{"messages": MULTI_TURN}, {"messages": MULTI_TURN[1:3]}] * 8
+    write_table(tmp_path / "chat.parquet", chats)
+    out = tmp_path / "run"
+    argv = ["sft", "--model", model, "--data", tmp_path / "chat.parquet", "--dev", tmp_path / "chat.parquet"]
+    argv += [
+        "--dev-split",
+        "train",
+        "--dev-max-examples",
+        "2",
+        "--eval-max-new-tokens",
+        "3",
+        "--max-steps",
+        "2",
+    ]
+    assert run_todi(*argv, "--save-every", "0", "--out", out, *TINY) == 0
+    dev = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "dev_loss" in line
+    ]
+    assert dev and 0 <= dev[-1]["dev_rougeL"] <= 100 and dev[-1]["dev_ce"] > 0

@@ -145,6 +145,14 @@ def test_yaml_takes_trainer_spellings_and_refuses_one_option_twice(tmp_path, cap
     path.write_text("teacher: t\nstudent: s\ndata: d\noutput_dir: o\nlearning_rate: 0.001\nbf16: true\n")
     config = cli.parse_config("distill", ["--config", str(path)])[1]
     assert (config.out, config.lr, config.mixed_precision) == ("o", 0.001, "bf16")
+    path.write_text("teacher: t\nstudent: s\ndata: d\nout: o\ncolumns: {input: context, output: response}\n")
+    assert cli.parse_config("distill", ["--config", str(path)])[1].columns == {
+        "input": "context",
+        "output": "response",
+    }
+    path.write_text("teacher: t\nstudent: s\ndata: d\nout: o\ncolumns: {answer: response}\n")
+    assert cli.main(["distill", "--config", str(path)]) == 2
+    assert "--columns: unknown field 'answer'" in capsys.readouterr().err
     path.write_text("teacher: t\nstudent: s\ndata: d\nout: o\nlr: 0.1\nlearning_rate: 0.001\n")
     assert cli.main(["distill", "--config", str(path)]) == 2
     assert "lr and learning_rate name the same option" in capsys.readouterr().err
