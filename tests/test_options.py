@@ -8,6 +8,7 @@ word-level vocabulary in this process.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -241,18 +242,21 @@ def test_schedules_follow_their_formulas():
 
 
 def test_optimizers():
-    groups = lambda: [{"params": [torch.nn.Parameter(torch.ones(2, 2))], "weight_decay": 0.1}]  # noqa: E731
-    default = build_optimizer("adamw", groups(), 1e-3)
-    assert type(default) is torch.optim.AdamW and not default.defaults.get("fused")
+    def groups():
+        return [{"params": [torch.nn.Parameter(torch.ones(2, 2))], "weight_decay": 0.1}]
+
+    default = build_optimizer(
+        "adamw", groups(), 1e-3
+    )  # what todi always built: torch.optim.AdamW(groups, lr)
+    assert type(default) is torch.optim.AdamW and not default.defaults["fused"]
     assert default.defaults["lr"] == 1e-3 and default.param_groups[0]["weight_decay"] == 0.1
     assert build_optimizer("adamw_torch_fused", groups(), 1e-3).defaults["fused"] is True
     assert type(build_optimizer("sgd", groups(), 1e-3)) is torch.optim.SGD
-    if "bitsandbytes" not in sys.modules and optimizer_problem("adamw_8bit"):
-        assert "pip install bitsandbytes" in optimizer_problem("adamw_8bit")
-    assert (
-        "pip install bitsandbytes" in " ".join(distill_problems("--optim", "adamw_8bit"))
-        or optimizer_problem("adamw_8bit") is None
-    )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert "pip install bitsandbytes" in distill_problems("--optim", "adamw_8bit")[0]
+    else:
+        assert type(build_optimizer("adamw_8bit", groups(), 1e-3)).__name__ == "AdamW8bit"
+    assert optimizer_problem("adamw") is None
 
 
 def distill_problems(*argv: str) -> list[str]:

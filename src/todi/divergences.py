@@ -44,8 +44,10 @@ __all__ = [
     "get_divergence",
     "log_probs",
     "masked_log_probs",
+    "parse_params",
     "register_divergence",
     "register_gradient",
+    "registered_names",
     "todi_weight",
 ]
 
