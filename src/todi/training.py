@@ -111,6 +111,7 @@ from todi.parallel import (
     replicated_loading,
     sum_over_ranks,
 )
+from todi.plugins import load_plugins
 from todi.run_record import append_segment, check_resume, run_identity, write_run_info
 
 logger = logging.getLogger(__name__)
@@ -587,29 +588,32 @@ class DistillConfig(TrainConfig):
         if not (math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
             # Below it softmax(z / T) is a hard argmax whose 1/T gradient scale overflows float32.
             out.append(f"--temperature must be a finite number >= {MIN_TEMPERATURE}, got {self.temperature}")
-        from todi.plugins import load_plugins
+        return out + self._loss_problems() + super().problems()
 
+    def _loss_problems(self) -> list[str]:
+        """--plugin, --loss and its parameters, which the divergence checks itself."""
         try:
-            load_plugins(self.plugin)  # before --loss is looked up: plugins register divergences
-        except UsageError as err:
-            out.append(str(err))
-        try:
+            load_plugins(self.plugin)  # first: a plugin registers divergences that --loss may name
             params = parse_params(self.loss_params)
-            both = sorted(
-                set(params) & {name for name in ("beta", "skew", "mu") if getattr(self, name) is not None}
-            )
-            if both:
-                out.append(f"--loss-params gives {', '.join(both)} that --{both[0]} also gives; keep one")
-            get_divergence(self.loss).resolve(self.divergence_params())
+        except (UsageError, ValueError) as err:
+            return [str(err)]
+        both = sorted(
+            name for name in ("beta", "skew", "mu") if name in params and getattr(self, name) is not None
+        )
+        if both:
+            return [f"--loss-params and --{both[0]} both give {both[0]}; keep one"]
+        try:
+            divergence = get_divergence(self.loss)
+        except ValueError:
+            known = ", ".join(registered_names())
+            return [
+                f"--loss: unknown divergence {self.loss!r} (choose one of {known}, or add one with --plugin)"
+            ]
+        try:
+            divergence.resolve(self.divergence_params())
         except ValueError as err:
-            if str(err).startswith("unknown divergence"):
-                known = ", ".join(registered_names())
-                out.append(
-                    f"--loss: unknown divergence {self.loss!r} (choose one of {known}, or add one with --plugin)"
-                )
-            else:
-                out.append(f"--loss {self.loss}: {err}" if not str(err).startswith("--") else str(err))
-        return out + super().problems()
+            return [f"--loss {self.loss}: {err}"]
+        return []
 
 
 def _report_targets(text: str) -> list[str]:
