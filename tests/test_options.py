@@ -470,3 +470,43 @@ def test_sft_takes_the_same_training_options():
         ["--model", "m", "--data", "d", "--out", "o", "--optim", "sgd", "--lr_scheduler_type", "constant"],
     )[1]
     assert (config.optim, config.lr_scheduler) == ("sgd", "constant")
+
+
+def test_data_options_reach_the_loader(monkeypatch):
+    """--data-config, --data-split, --dev-split and --columns are what load_examples gets for --data / --dev."""
+    import todi.data
+    from todi.training import _load_data
+
+    asked = []
+
+    def load_examples(source, split, **kwargs):
+        asked.append((source, split, kwargs))
+        return []
+
+    monkeypatch.setattr(todi.data, "load_examples", load_examples)
+    monkeypatch.setattr(todi.data, "encode_examples", lambda examples, tokenizer, **kw: ([], None))
+    monkeypatch.setattr(todi.data, "check_template", lambda *args: None)
+    config = cli.parse_config(
+        "sft",
+        [
+            "--model",
+            "m",
+            "--dataset_name",
+            "org/set",
+            "--dataset_config",
+            "en",
+            "--dataset_train_split",
+            "tr",
+            "--dev",
+            "org/set",
+            "--dev-split",
+            "te",
+            "--columns",
+            "input=context",
+            "--out",
+            "o",
+        ],
+    )[1]
+    _load_data(config, tokenizer=None)
+    options = {"max_examples": None, "columns": "input=context", "hub_config": "en"}
+    assert asked == [("org/set", "tr", options), ("org/set", "te", options)]
