@@ -333,8 +333,7 @@ def test_hub_ids_pass_their_configuration_and_split_to_load_dataset(tmp_path, mo
 # ------------------------------------------------------------------------------------- training end to end
 
 
-@pytest.mark.slow
-def test_distill_reads_parquet_and_columns_like_jsonl(tmp_path, tok, fresh_accelerate_state):
+def test_sft_reads_parquet_and_columns_like_jsonl(tmp_path, tok, fresh_accelerate_state):
     """`todi sft` on Dolly-named parquet data with --columns trains exactly as on the JSON lines file."""
     model = save_llama(tmp_path / "model", tok, hidden=32, seed=0)
     records = [RECORDS[i % 3] for i in range(16)]
@@ -377,7 +376,6 @@ def test_eval_reads_table_files_with_columns(tmp_path):
     assert [e.references for e in loaded["mine"]] == [(r["output"], "bye") for r in RECORDS]
 
 
-@pytest.mark.slow
 def test_sft_on_multi_turn_messages_with_dev_rouge(tmp_path, tok, fresh_accelerate_state):
     """Conversations train (assistant turns only) and score on --dev: the chat prompt up to the last turn."""
     model = save_llama(tmp_path / "model", tok, hidden=32, seed=0)
