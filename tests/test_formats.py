@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tiny import TINY, run_todi, save_llama
+from tiny import TINY, gpt2_tokenizer, run_todi, save_llama
 from todi.data import (
     IGNORE_INDEX,
     DataError,
@@ -398,3 +398,37 @@ def test_sft_on_multi_turn_messages_with_dev_rouge(tmp_path, tok, fresh_accelera
         json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "dev_loss" in line
     ]
     assert dev and 0 <= dev[-1]["dev_rougeL"] <= 100 and dev[-1]["dev_ce"] > 0
+
+
+CHATML = (  # ChatML with the generation marks transformers reads for its assistant-token mask
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% generation %}{{ m['content'] }}<|im_end|>\n{% endgeneration %}"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_assistant_masks_match_transformers_on_chatml(gpt2):
+    """Peer reference: transformers' own assistant-token mask (what TRL's assistant_only_loss trains on),
+    from a BPE tokenizer and a ChatML template, equals todi's labels for a multi-turn chat."""
+    tok = gpt2_tokenizer()  # a fresh one: the fixture's is shared (it only skips when the files are absent)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris, of course."},
+        {"role": "user", "content": "And Italy?"},
+        {"role": "assistant", "content": "Rome."},
+    ]
+    ref = tok.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    example = Example(
+        "",
+        references=("Rome.",),
+        turns=tuple(Turn(m["role"], m["content"], m["role"] == "assistant") for m in messages),
+    )
+    features, status = encode_example(example, tok, max_length=512)
+    assert status == "ok" and features["input_ids"] == ref["input_ids"]
+    assert features["labels"] == [i if m else X for i, m in zip(ref["input_ids"], ref["assistant_masks"])]
