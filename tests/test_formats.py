@@ -296,6 +296,20 @@ def test_conversation_truncation_keeps_the_end_of_the_context_and_cuts_the_rest(
     assert encode_example(example, tok, max_prompt_length=5, max_length=5) == (None, "dropped")
 
 
+def test_a_template_refusing_a_conversation_names_the_record(tmp_path, tok):
+    strict = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="</s>")
+    strict.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + CHAT
+    )
+    (chat,) = load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": MULTI_TURN}]))
+    with pytest.raises(
+        DataError,
+        match=r"m\.jsonl:1: the tokenizer's chat template cannot render .*System role not supported",
+    ):
+        encode_examples([chat], strict)
+
+
 def test_messages_need_a_chat_template(tmp_path, tok):
     plain = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="</s>")
     (chat,) = load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": MULTI_TURN}]))

@@ -640,7 +640,19 @@ def _chat_text(example: Example, tokenizer: Any, turns: Sequence[Turn], *, gener
             "use the tokenizer of an instruct/chat model, or write the data as instruction/output records",
         )
     messages = [{"role": turn.role, "content": turn.content} for turn in turns]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except (
+        Exception
+    ) as err:  # the template's own refusals (e.g. "System role not supported") are jinja errors
+        reason = (f"{type(err).__name__}: {err}".strip().splitlines() or [""])[0][:300]
+        raise DataError(
+            f"{example.source or 'an example'}: the tokenizer's chat template cannot render this conversation "
+            f"({reason})",
+            "drop or merge the messages the template refuses (some templates take no system message)",
+        ) from err
 
 
 def conversation_pieces(example: Example, tokenizer: Any) -> list[tuple[str, bool]]:
