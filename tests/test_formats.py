@@ -446,3 +446,18 @@ def test_assistant_masks_match_transformers_on_chatml(gpt2):
     features, status = encode_example(example, tok, max_length=512)
     assert status == "ok" and features["input_ids"] == ref["input_ids"]
     assert features["labels"] == [i if m else X for i, m in zip(ref["input_ids"], ref["assistant_masks"])]
+
+
+def test_real_dolly_as_parquet_and_csv_encodes_like_jsonl(tmp_path, gpt2):
+    """The shared Dolly dev file converted by pandas to parquet and CSV gives the same GPT-2 token ids."""
+    from tiny import DATA
+
+    source = DATA / "dolly" / "dev.jsonl"
+    if not source.is_file():
+        pytest.skip(f"shared Dolly data not found at {source} (set TODI_DATA)")
+    frame = pd.read_json(source, lines=True, dtype=False)
+    frame.to_parquet(tmp_path / "dev.parquet")
+    frame.rename(columns={"input": "context", "output": "response"}).to_csv(tmp_path / "dev.csv", index=False)
+    reference, _ = encode_examples(load_examples(source), gpt2)
+    assert encode_examples(load_examples(tmp_path / "dev.parquet"), gpt2)[0] == reference
+    assert encode_examples(load_examples(tmp_path / "dev.csv"), gpt2)[0] == reference  # Dolly's own names
