@@ -510,3 +510,14 @@ def test_data_options_reach_the_loader(monkeypatch):
     _load_data(config, tokenizer=None)
     options = {"max_examples": None, "columns": "input=context", "hub_config": "en"}
     assert asked == [("org/set", "tr", options), ("org/set", "te", options)]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_fused_adamw_trains_like_adamw(models, tmp_path):
+    """PyTorch's fused AdamW kernel makes the updates of its default AdamW (same math, other kernel)."""
+    assert run(models, tmp_path / "adamw", "--max-steps", "2") == 0
+    assert run(models, tmp_path / "fused", "--max-steps", "2", "--optim", "adamw_torch_fused") == 0
+    plain, fused = final_weights(tmp_path / "adamw"), final_weights(tmp_path / "fused")
+    start = load_file(str(models.student / "model.safetensors"))
+    assert any(not torch.equal(plain[k], start[k]) for k in plain)  # it trained
+    assert all(torch.allclose(plain[k], fused[k], rtol=0, atol=1e-6) for k in plain)
