@@ -97,6 +97,11 @@ class Config:
 
     teacher: str = option("", "teacher (required): a local folder, a .gguf file or a Hugging Face Hub id")
     data: str = option("", "training data (required), as for `todi distill --data`")
+    data_config: str | None = option(None, "configuration of a Hub data set, as for `todi distill`")
+    data_split: str = option("train", "split of --data, as for `todi distill`")
+    columns: str | None = option(
+        None, "read fields from other columns (FIELD=COLUMN,...), as for `todi distill`"
+    )
     out: str = option("", "cache folder (required); rerunning the same command resumes an interrupted build")
     top_k: int = option(64, "tokens kept per position (the rest form one tail bucket)")
     temperatures: str = option(
@@ -276,7 +281,13 @@ def _load(config: Config) -> _Build:
     sample_temperatures = config.sample_temperatures() if config.tail_samples else []
     tokenizer = load_tokenizer(config.teacher, trust_remote_code=config.trust_remote_code)
     pad_id = ensure_pad_token(tokenizer)
-    examples = load_examples(config.data, "train", max_examples=config.max_examples)
+    examples = load_examples(
+        config.data,
+        config.data_split,
+        max_examples=config.max_examples,
+        columns=config.columns,
+        hub_config=config.data_config,
+    )
     encoded, _ = encode_examples(
         examples,
         tokenizer,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib
 import logging
 import signal
@@ -140,11 +141,75 @@ def _load_yaml(path: str) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def build_parser(name: str, config_cls: type):
+class _FlagValue(argparse.Action):
+    """A flag that sets another option: ``--bf16`` / ``--bf16 true`` -> ``--mixed-precision bf16``; ``--bf16
+    false`` -> ``no`` where the value was ``auto`` or bf16 (``--bf16 true --fp16 false`` stays bf16)."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, on: str, off: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", const="true", default=argparse.SUPPRESS, **kwargs)
+        self.on, self.off = on, off
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from transformers.hf_argparser import string_to_bool
+
+        try:
+            enabled = string_to_bool(values)
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"argument {option_string}: {err}")
+        chosen = vars(namespace).setdefault("_flag_values", {})
+        if enabled:
+            others = [flag for flag, value in chosen.items() if value not in (self.off, self.on)]
+            if others:
+                parser.error(f"argument {option_string}: not allowed with {others[0]} (choose one)")
+            setattr(namespace, self.dest, self.on)
+        elif getattr(namespace, self.dest, None) in ("auto", self.on):
+            setattr(namespace, self.dest, self.off)
+        chosen[option_string] = self.on if enabled else self.off
+
+
+def _parser_class():
     from transformers import HfArgumentParser
 
+    class Parser(HfArgumentParser):
+        """HfArgumentParser that shows a config's options in its ``option_groups`` (``--help``)."""
+
+        def _add_dataclass_arguments(self, dtype: Any) -> None:
+            groups = getattr(dtype, "option_groups", None)
+            if not groups:
+                super()._add_dataclass_arguments(dtype)
+                return
+            import typing
+
+            hints = typing.get_type_hints(dtype)
+            fields = [f for f in dataclasses.fields(dtype) if f.init]
+            names = {f.name for f in fields}
+            containers = {
+                group: self.add_argument_group(f"{group} options")
+                for group, members in groups.items()
+                if names & set(members)
+            }
+            home = {member: containers.get(group) for group, members in groups.items() for member in members}
+            for field in fields:
+                field.type = hints[field.name]
+                self._parse_dataclass_field(home.get(field.name) or self, field)
+            for flag, (dest, on, off) in getattr(dtype, "flag_values", {}).items():
+                container = home.get(dest) or self
+                container.add_argument(
+                    f"--{flag}",
+                    action=_FlagValue,
+                    dest=dest,
+                    on=on,
+                    off=off,
+                    metavar="BOOL",
+                    help=f"as --{dest.replace('_', '-')} {on} (false: {off}); the Trainer's spelling",
+                )
+
+    return Parser
+
+
+def build_parser(name: str, config_cls: type):
     command = COMMANDS[name]
-    parser = HfArgumentParser(
+    parser = _parser_class()(
         config_cls,
         prog=f"todi {name}",
         description=(config_cls.__doc__ or command.help).strip().splitlines()[0],
@@ -157,23 +222,84 @@ def build_parser(name: str, config_cls: type):
     return parser
 
 
+def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Every spelling of every option (``learning_rate``, ``lr``, ``max-length``...) -> its destination."""
+    names = {}
+    for action in parser._actions:
+        for spelling in action.option_strings:
+            if spelling.startswith("--"):
+                names[spelling[2:]] = action.dest
+    return names
+
+
+def _did_you_mean(given: str, spellings: Sequence[str]) -> str:
+    close = difflib.get_close_matches(given, spellings, n=3, cutoff=0.6)
+    return f"did you mean {' or '.join('--' + c for c in close)}? " if close else ""
+
+
+def _unknown_options(name: str, parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """Refuse arguments no option takes, suggesting the nearest spellings of the options that exist."""
+    _, rest = parser.parse_known_args(argv)
+    if not rest:
+        return
+    flags = [a for a in rest if a.startswith("-")]
+    spellings = sorted(_option_names(parser))
+    if flags:
+        given = flags[0].lstrip("-").split("=", 1)[0]
+        raise UsageError(
+            f"unknown option {flags[0].split('=', 1)[0]}"
+            + (f" (and {', '.join(flags[1:])})" if flags[1:] else ""),
+            f"{_did_you_mean(given, spellings)}run 'todi {name} --help' for the options",
+        )
+    raise UsageError(
+        f"unexpected argument(s) {' '.join(rest)}",
+        f"every value follows its option (e.g. --lr 1e-4); run 'todi {name} --help' for the options",
+    )
+
+
+def _yaml_values(name: str, parser: argparse.ArgumentParser, config_cls: type, path: str) -> dict[str, Any]:
+    """The options of a YAML file, keyed by destination: any spelling of an option is accepted (``lr`` or
+    ``learning_rate``), as are the flags that set another option (``bf16: true``)."""
+    spellings = {k.replace("-", "_"): dest for k, dest in _option_names(parser).items() if dest != "config"}
+    flags = getattr(config_cls, "flag_values", {})
+    values: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    unknown = []
+    for key, value in _load_yaml(path).items():
+        if key in flags:
+            dest, on, off = flags[key]
+            value = on if value is True or str(value).lower() in ("true", "yes", "1") else off
+        else:
+            dest = spellings.get(key)
+        if dest is None:
+            unknown.append(key)
+            continue
+        if dest in given:
+            raise UsageError(
+                f"config file {path}: {given[dest]} and {key} name the same option",
+                "keep only one of them",
+            )
+        given[dest] = key
+        values[dest] = value
+    if unknown:
+        hints = [_did_you_mean(key, sorted(spellings)).replace("--", "") for key in unknown]
+        raise UsageError(
+            f"config file {path}: unknown option(s) {', '.join(unknown)}",
+            f"{''.join(hints)}run 'todi {name} --help' for the options",
+        )
+    return values
+
+
 def parse_config(name: str, argv: Sequence[str]) -> tuple[Callable[[Any], None], Any]:
     """Parse ``argv`` for subcommand ``name`` into its Config dataclass (YAML defaults, CLI overrides)."""
     command = COMMANDS[name]
     module = importlib.import_module(command.module)
     config_cls = getattr(module, command.config)
     parser = build_parser(name, config_cls)
+    _unknown_options(name, parser, argv)
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        values = _load_yaml(known.config)
-        fields = {f.name for f in dataclasses.fields(config_cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise UsageError(
-                f"config file {known.config}: unknown option(s) {', '.join(unknown)}",
-                f"run 'todi {name} --help' for the options",
-            )
-        parser.set_defaults(**values)
+        parser.set_defaults(**_yaml_values(name, parser, config_cls, known.config))
     (config,) = parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)[:1]
     return getattr(module, command.run), config
 

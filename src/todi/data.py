@@ -26,7 +26,19 @@ from typing import Any
 
 import torch
 
-from todi.errors import TodiError, UsageError
+from todi.errors import DataError, UsageError
+from todi.formats import (
+    ASSISTANT,
+    DOLLY_NAMES,
+    FIELDS,
+    TABLE_SUFFIXES,
+    Turn,
+    check_surrogates,
+    conversation,
+    json_type,
+    parse_columns,
+    read_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +67,8 @@ _SPLIT_ALIASES = {
 }
 _FORMAT_HINT = (
     "each line must be one JSON object with 'instruction', optional 'input' and 'output' "
-    "(a string or a list of reference strings), or with a pre-templated 'prompt' and 'output'"
+    "(a string or a list of reference strings), a pre-templated 'prompt' and 'output' (or 'completion'), "
+    "or chat 'messages'; --columns FIELD=COLUMN reads a field from another column"
 )
 _JSON_HINT = (
     "a .json file must hold one JSON array of records, [{...}, {...}], or one JSON object per line; "
@@ -63,18 +76,7 @@ _JSON_HINT = (
 )
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow")
 """A value of ``--data`` ending so names a local file, never a Hugging Face Hub data set."""
-_UNREADABLE_SUFFIXES = {  # suffix -> how pandas reads it, for the conversion hint
-    ".parquet": "read_parquet('{name}')",
-    ".csv": "read_csv('{name}')",
-    ".tsv": "read_csv('{name}', sep='\\t')",
-    ".arrow": "read_feather('{name}')",
-}
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
-
-
-class DataError(TodiError):
-    """Bad training/evaluation data, template or tokenizer: the message says where, the hint what to do."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,9 @@ class Example:
     references: tuple[str, ...] = ()
     prompt: str | None = None
     source: str = ""
+    turns: tuple[Turn, ...] = ()
+    """A chat conversation (``messages`` records): rendered with the tokenizer's chat template, the loss on
+    the turns marked ``train``; ``references[0]`` is then the last trained turn's text."""
 
     def __post_init__(self) -> None:
         # A bare string would silently become a tuple of characters; a list is accepted for convenience.
@@ -96,6 +101,8 @@ class Example:
             raise TypeError("Example.references must be a tuple of strings, not a single string")
         if not isinstance(self.references, tuple):
             object.__setattr__(self, "references", tuple(self.references))
+        if not isinstance(self.turns, tuple):
+            object.__setattr__(self, "turns", tuple(Turn(*t) for t in self.turns))
 
     @property
     def output(self) -> str:
@@ -114,16 +121,23 @@ class Example:
 
 
 def load_examples(
-    source: str | os.PathLike, split: str = "train", *, max_examples: int | None = None
+    source: str | os.PathLike,
+    split: str = "train",
+    *,
+    max_examples: int | None = None,
+    columns: str | Mapping[str, str] | None = None,
+    hub_config: str | None = None,
 ) -> list[Example]:
-    """Load and validate a data set, failing on the first bad record with its file, line and field.
+    """Load and validate a data set, failing on the first bad record with its file, line (or row) and field.
 
     ``source`` is a JSON-lines file; a ``.json`` file holding either one JSON array of records or one
-    record per line (as ``datasets`` reads them); a folder holding ``{split}.jsonl`` or ``{split}.json``
+    record per line (as ``datasets`` reads them); a ``.parquet``, ``.csv``, ``.tsv`` or ``.arrow`` file
+    (read through ``datasets``); a folder holding ``{split}.jsonl`` / ``.json`` / ``.parquet`` / ``.csv``
     (``valid`` serves for ``dev``); a folder saved with ``datasets``' ``save_to_disk``; or a Hugging Face
-    ``datasets`` name. A ``.jsonl`` (or other non-``.json``) file holding one JSON array is refused with a
-    hint to rename it to ``.json``: that extension promises one record per line, which other line-based
-    tools rely on. Parquet/CSV files are refused with a conversion hint rather than misread as JSON.
+    ``datasets`` name (``hub_config`` names its configuration). A ``.jsonl`` (or other non-``.json``) file
+    holding one JSON array is refused with a hint to rename it to ``.json``: that extension promises one
+    record per line, which other line-based tools rely on. The record forms are listed in
+    :mod:`todi.formats`; ``columns`` (``"input=context,output=response"``) reads fields from other columns.
 
     A value that ends in a data-file suffix (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, ``.txt``...),
     starts with ``./``, ``../``, ``/`` or ``~``, holds more than one path separator, or is a
@@ -135,14 +149,15 @@ def load_examples(
     if max_examples is not None and max_examples < 1:
         raise UsageError(f"max_examples must be at least 1, got {max_examples}", "leave it unset to load all")
     path = Path(source).expanduser()
+    make = _Records(parse_columns(columns))
     if path.is_file():
-        examples = _read_file(path, max_examples)
+        examples = _read_file(path, max_examples, make)
     elif path.is_dir():
-        examples = _load_folder(path, split, max_examples)
+        examples = _load_folder(path, split, max_examples, make)
     elif isinstance(source, os.PathLike) or _is_local_path(str(source)):
         raise _no_such_path(str(source), path)
     else:
-        examples = _load_hub(str(source), split, max_examples, path)
+        examples = _load_hub(str(source), split, max_examples, path, make, hub_config)
     if not examples:
         raise DataError(
             f"{source} holds no examples" + ("" if path.is_file() else f" for split {split!r}"),
@@ -152,16 +167,16 @@ def load_examples(
     return examples
 
 
-def _load_folder(folder: Path, split: str, max_examples: int | None) -> list[Example]:
+def _load_folder(folder: Path, split: str, max_examples: int | None, make: _Records) -> list[Example]:
     for name in _SPLIT_ALIASES.get(split, (split,)):
-        for suffix in (".jsonl", ".json"):
+        for suffix in (".jsonl", ".json", *TABLE_SUFFIXES):
             candidate = folder / f"{name}{suffix}"
             if candidate.is_file():
-                return _read_file(candidate, max_examples)
+                return _read_file(candidate, max_examples, make)
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
         import datasets
 
-        return _from_hf(datasets.load_from_disk(str(folder)), str(folder), split, max_examples)
+        return _from_hf(datasets.load_from_disk(str(folder)), str(folder), split, max_examples, make)
     found = sorted(p.name for p in (*folder.glob("*.jsonl"), *folder.glob("*.json"))) or ["no .jsonl files"]
     raise DataError(
         f"folder {folder} has no {split}.jsonl (found: {', '.join(found)})",
@@ -199,7 +214,9 @@ def _no_such_path(given: str, path: Path) -> DataError:
     return DataError(f"no such file or folder: {given} (looked for it at {absolute})", hint)
 
 
-def _load_hub(name: str, split: str, max_examples: int | None, path: Path) -> list[Example]:
+def _load_hub(
+    name: str, split: str, max_examples: int | None, path: Path, make: _Records, hub_config: str | None
+) -> list[Example]:
     not_local = f"could not load {name!r}: it is not a local path (nothing at {path.resolve()})"
     hint = (
         "check the spelling; pass a .jsonl or .json file, a folder with train/dev/test.jsonl or a "
@@ -216,16 +233,16 @@ def _load_hub(name: str, split: str, max_examples: int | None, path: Path) -> li
             hint + ", and `pip install datasets` for Hub data sets",
         ) from None
     try:
-        loaded = datasets.load_dataset(name)
+        loaded = datasets.load_dataset(name, hub_config) if hub_config else datasets.load_dataset(name)
     except Exception as err:  # network, unknown name, bad script: all mean "cannot use this source"
         reason = (f"{type(err).__name__}: {err}".strip().splitlines() or [""])[0][:300]
         raise DataError(
             f"{not_local}, nor a data set reachable on the Hugging Face Hub ({reason})", hint
         ) from err
-    return _from_hf(loaded, name, split, max_examples)
+    return _from_hf(loaded, name, split, max_examples, make)
 
 
-def _from_hf(loaded: Any, name: str, split: str, max_examples: int | None) -> list[Example]:
+def _from_hf(loaded: Any, name: str, split: str, max_examples: int | None, make: _Records) -> list[Example]:
     """Validate rows of a ``datasets.Dataset`` (or pick ``split`` from a ``DatasetDict``) like JSONL lines."""
     if isinstance(loaded, Mapping):  # DatasetDict
         for candidate in _SPLIT_ALIASES.get(split, (split,)):
@@ -242,28 +259,24 @@ def _from_hf(loaded: Any, name: str, split: str, max_examples: int | None) -> li
     if max_examples is not None:
         loaded = loaded.select(range(min(max_examples, len(loaded))))
     label = f"{name}[{split}]"
-    return [_example_from_record(row, f"{label}, row {i}", f"{label}:{i}") for i, row in enumerate(loaded, 1)]
+    return [make(row, f"{label}, row {i}", f"{label}:{i}") for i, row in enumerate(loaded, 1)]
 
 
-def _read_file(path: Path, max_examples: int | None) -> list[Example]:
-    """JSON lines, or (``.json`` only) one JSON array of records; refuse formats todi does not read."""
+def _read_file(path: Path, max_examples: int | None, make: _Records) -> list[Example]:
+    """JSON lines, (``.json`` only) one JSON array of records, or a table file read through ``datasets``."""
     suffix = path.suffix.lower()
-    if suffix in _UNREADABLE_SUFFIXES:
-        read = _UNREADABLE_SUFFIXES[suffix].format(name=path.name)
-        raise DataError(
-            f"{path}: todi reads JSON lines (.jsonl) or a JSON array (.json), not {suffix} files",
-            f'convert it to .jsonl, e.g. `python -c "import pandas as pd; pd.{read}.to_json('
-            f"'{path.stem}.jsonl', orient='records', lines=True, force_ascii=False)\"`",
-        )
+    if suffix in TABLE_SUFFIXES:
+        rows = read_table(path, max_examples)
+        return [make(row, f"{path}, row {i}", f"{path}:{i}") for i, row in enumerate(rows, 1)]
     if _starts_with_array(path):
         if suffix == ".json":
-            return _read_json_array(path, max_examples)
+            return _read_json_array(path, max_examples, make)
         raise DataError(
             f"{path} holds one JSON array, not one record per line",
             "rename it to .json (todi reads a .json file holding one array of records) "
             "or write one record per line",
         )
-    return _read_jsonl(path, max_examples)
+    return _read_jsonl(path, max_examples, make)
 
 
 def _starts_with_array(path: Path) -> bool:
@@ -284,7 +297,7 @@ def _starts_with_array(path: Path) -> bool:
         return not any(line.strip() for line in file)
 
 
-def _read_json_array(path: Path, max_examples: int | None) -> list[Example]:
+def _read_json_array(path: Path, max_examples: int | None, make: _Records) -> list[Example]:
     """One JSON array of records; a record's place is ``record N (line L)``, L where the record starts."""
     raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     try:
@@ -322,7 +335,7 @@ def _read_json_array(path: Path, max_examples: int | None) -> list[Example]:
                 raise malformed(err.msg, err.pos) from None
             lineno, counted = lineno + text.count("\n", counted, pos), pos
             where = f"{path}, record {len(examples) + 1} (line {lineno})"
-            examples.append(_example_from_record(record, where, f"{path}:{lineno}"))
+            examples.append(make(record, where, f"{path}:{lineno}"))
             if max_examples is not None and len(examples) >= max_examples:
                 return examples
             pos = _JSON_SPACE.match(text, end).end()
@@ -339,7 +352,7 @@ def _read_json_array(path: Path, max_examples: int | None) -> list[Example]:
     return examples
 
 
-def _read_jsonl(path: Path, max_examples: int | None) -> list[Example]:
+def _read_jsonl(path: Path, max_examples: int | None, make: _Records) -> list[Example]:
     examples: list[Example] = []
     with path.open("rb") as file:
         for lineno, raw in enumerate(file, 1):
@@ -358,7 +371,7 @@ def _read_jsonl(path: Path, max_examples: int | None) -> list[Example]:
                 raise DataError(
                     f"{where}: malformed JSON ({err.msg} at column {err.colno})", _FORMAT_HINT
                 ) from None
-            examples.append(_example_from_record(record, where, f"{path}:{lineno}"))
+            examples.append(make(record, where, f"{path}:{lineno}"))
             if max_examples is not None and len(examples) >= max_examples:
                 break
     return examples
@@ -393,87 +406,142 @@ def _is_utf8(value: Any) -> bool:
     return True
 
 
-def _check_surrogates(text: str, where: str, field: str) -> None:
-    """Valid JSON may escape half a UTF-16 surrogate pair ("\\ud800"); no tokenizer can encode that."""
-    found = _SURROGATE.search(text)
-    if found:
-        raise DataError(
-            f"{where}: field {field!r} holds a lone surrogate \\u{ord(found.group()):04x} at character "
-            f"{found.start() + 1}, which is not valid Unicode text and cannot be encoded as UTF-8",
-            "fix or drop that character (half of a \\uXXXX\\uXXXX pair, often from text cut inside an emoji)",
+class _Records:
+    """Records -> examples. A record's form (see :mod:`todi.formats`) follows from its fields: ``messages``,
+    else ``prompt`` + ``completion``, else the instruction form (or ``prompt`` + ``output``); each field is
+    read from the column ``--columns`` names for it, and errors name that column."""
+
+    def __init__(self, columns: Mapping[str, str] | None = None) -> None:
+        self.columns = dict(columns or {})
+
+    def names(self, record: Mapping[str, Any]) -> dict[str, str]:
+        names = {field: self.columns.get(field, field) for field in FIELDS}
+        dolly = (
+            "output" not in self.columns
+            and names["output"] not in record
+            and DOLLY_NAMES["output"] in record
+            and names["instruction"] in record
         )
+        if dolly:  # databricks-dolly-15k: instruction, context, response
+            names["output"] = DOLLY_NAMES["output"]
+            if "input" not in self.columns and names["input"] not in record:
+                names["input"] = DOLLY_NAMES["input"]
+        return names
+
+    def __call__(self, record: Any, where: str, source: str) -> Example:
+        if not isinstance(record, Mapping):
+            raise DataError(f"{where}: expected a JSON object, got {json_type(record)}", _FORMAT_HINT)
+        names = self.names(record)
+        if names["messages"] in record:
+            turns = conversation(record[names["messages"]], where, names["messages"], train=True)
+            return _conversation_example(turns, where, names["messages"], source)
+        if names["completion"] in record:
+            return _prompt_completion(record, where, source, names)
+        return _instruction_example(record, where, source, names)
 
 
-def _json_type(value: Any) -> str:
-    names = {
-        dict: "an object",
-        list: "a list",
-        str: "a string",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-    }
-    return "null" if value is None else names.get(type(value), type(value).__name__)
+def _missing(record: Mapping[str, Any], column: str) -> str:
+    if column in record:
+        return f"field {column!r} is null"
+    return f"missing field {column!r} (found fields: {', '.join(map(str, record)) or 'none'})"
 
 
-def _example_from_record(record: Any, where: str, source: str) -> Example:
-    if not isinstance(record, Mapping):
-        raise DataError(f"{where}: expected a JSON object, got {_json_type(record)}", _FORMAT_HINT)
+def _text_field(record: Mapping[str, Any], column: str, where: str) -> str | None:
+    value = record.get(column)
+    if value is not None and not isinstance(value, str):
+        raise DataError(
+            f"{where}: field {column!r} is {json_type(value)}, expected a string",
+            f"make {column!r} a JSON string (in quotes)",
+        )
+    if value is not None:
+        check_surrogates(value, where, column)
+    return value
 
-    def missing(field: str) -> str:
-        if field in record:
-            return f"field {field!r} is null"
-        return f"missing field {field!r} (found fields: {', '.join(map(str, record)) or 'none'})"
 
-    def text_field(field: str) -> str | None:
-        value = record.get(field)
-        if value is not None and not isinstance(value, str):
+def _conversation_example(turns: list[Turn], where: str, field: str, source: str) -> Example:
+    trained = [t for t in turns if t.train]
+    if not trained:
+        raise DataError(
+            f"{where}: field {field!r} has no {ASSISTANT!r} message to train on",
+            "a conversation needs at least one message with role 'assistant'",
+        )
+    return Example(instruction="", references=(trained[-1].content,), source=source, turns=tuple(turns))
+
+
+def _prompt_completion(record: Mapping[str, Any], where: str, source: str, names: dict[str, str]) -> Example:
+    """TRL's prompt-completion form: two strings (a verbatim prompt), or two lists of messages."""
+    prompt_col, completion_col = names["prompt"], names["completion"]
+    prompt, completion = record.get(prompt_col), record.get(completion_col)
+    if prompt is None:
+        raise DataError(
+            f"{where}: {_missing(record, prompt_col)}", _FORMAT_HINT + "; rename or add the field"
+        )
+    if completion is None:
+        raise DataError(f"{where}: {_missing(record, completion_col)}", _FORMAT_HINT)
+    if isinstance(prompt, list) or isinstance(completion, list):
+        if not (isinstance(prompt, list) and isinstance(completion, list)):
             raise DataError(
-                f"{where}: field {field!r} is {_json_type(value)}, expected a string",
-                f"make {field!r} a JSON string (in quotes)",
+                f"{where}: field {prompt_col!r} is {json_type(prompt)} but {completion_col!r} is "
+                f"{json_type(completion)}",
+                "give both as strings, or both as lists of chat messages",
             )
-        if value is not None:
-            _check_surrogates(value, where, field)
-        return value
+        turns = conversation(prompt, where, prompt_col, train=False)
+        turns += conversation(completion, where, completion_col, train=True)
+        return _conversation_example(turns, where, completion_col, source)
+    prompt_text = _text_field(record, prompt_col, where)
+    output = _text_field(record, completion_col, where)
+    for column, text in ((prompt_col, prompt_text), (completion_col, output)):
+        if not text.strip():
+            raise DataError(f"{where}: field {column!r} is empty", "fill it in or drop the record")
+    return Example(instruction="", references=(output,), prompt=prompt_text, source=source)
 
-    prompt = text_field("prompt")
-    instruction = text_field("instruction")
-    input_text = text_field("input") or ""  # null input means "no input", as in many public sets
+
+def _instruction_example(
+    record: Mapping[str, Any], where: str, source: str, names: dict[str, str]
+) -> Example:
+    prompt = _text_field(record, names["prompt"], where)
+    instruction = _text_field(record, names["instruction"], where)
+    input_text = _text_field(record, names["input"], where) or ""  # null input means "no input"
     if prompt is None:
         if instruction is None:
-            raise DataError(f"{where}: {missing('instruction')}", _FORMAT_HINT + "; rename or add the field")
+            raise DataError(
+                f"{where}: {_missing(record, names['instruction'])}",
+                _FORMAT_HINT + "; rename or add the field",
+            )
         if not instruction.strip():
             raise DataError(
-                f"{where}: field 'instruction' is empty", "fill in the instruction or drop the line"
+                f"{where}: field {names['instruction']!r} is empty",
+                "fill in the instruction or drop the line",
             )
     elif not prompt.strip():
-        raise DataError(f"{where}: field 'prompt' is empty", "fill in the prompt or drop the line")
+        raise DataError(f"{where}: field {names['prompt']!r} is empty", "fill in the prompt or drop the line")
 
-    output = record.get("output")
+    col = names["output"]
+    output = record.get(col)
     if output is None:
-        raise DataError(f"{where}: {missing('output')}", _FORMAT_HINT + "; rename or add the field")
+        raise DataError(f"{where}: {_missing(record, col)}", _FORMAT_HINT + "; rename or add the field")
     if isinstance(output, str):
-        _check_surrogates(output, where, "output")
+        check_surrogates(output, where, col)
         references: tuple[str, ...] = (output,)
-    elif isinstance(output, list):
+    elif isinstance(output, (list, tuple)):
         if not output:
-            raise DataError(f"{where}: field 'output' is an empty list", "give at least one reference string")
+            raise DataError(f"{where}: field {col!r} is an empty list", "give at least one reference string")
         for i, ref in enumerate(output):
             if not isinstance(ref, str):
                 raise DataError(
-                    f"{where}: field 'output[{i}]' is {_json_type(ref)}, expected a string",
-                    "make every reference in 'output' a JSON string",
+                    f"{where}: field '{col}[{i}]' is {json_type(ref)}, expected a string",
+                    f"make every reference in {col!r} a JSON string",
                 )
-            _check_surrogates(ref, where, f"output[{i}]")
+            check_surrogates(ref, where, f"{col}[{i}]")
         references = tuple(output)
     else:
         raise DataError(
-            f"{where}: field 'output' is {_json_type(output)}, expected a string or a list of strings",
-            "make 'output' a JSON string (or a list of reference strings)",
+            f"{where}: field {col!r} is {json_type(output)}, expected a string or a list of strings",
+            f"make {col!r} a JSON string (or a list of reference strings)",
         )
     for i, ref in enumerate(references):
         if not ref.strip():
-            field = "output" if isinstance(output, str) else f"output[{i}]"
+            field = col if isinstance(output, str) else f"{col}[{i}]"
             raise DataError(
                 f"{where}: field {field!r} is empty",
                 "every example needs a non-empty reference response; fill it in or drop the line",
@@ -533,9 +601,13 @@ def check_template(template: str, tokenizer: Any = None) -> None:
 
 
 def render_prompt(example: Example, template: str = "alpaca", tokenizer: Any = None) -> str:
-    """The prompt text the model sees before its response (``example.prompt`` verbatim when set)."""
+    """The prompt text the model sees before its response (``example.prompt`` verbatim when set; for a
+    conversation, the chat up to its last trained turn, rendered by the tokenizer's chat template)."""
     if example.prompt is not None:
         return example.prompt
+    if example.turns:
+        last = max(i for i, turn in enumerate(example.turns) if turn.train)
+        return _chat_text(example, tokenizer, example.turns[:last], generation_prompt=True)
     check_template(template, tokenizer)
     if template == "alpaca":
         # MiniLLM / DistiLLM test ``len(input) == 0``; whitespace-only input still counts as input.
@@ -558,6 +630,58 @@ def render_prompt(example: Example, template: str = "alpaca", tokenizer: Any = N
             example.source or "this one",
         )
     return template.format(instruction=example.instruction, input=example.input)
+
+
+def _chat_text(example: Example, tokenizer: Any, turns: Sequence[Turn], *, generation_prompt: bool) -> str:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{example.source or 'an example'}: a chat conversation needs the tokenizer's chat template, and "
+            + ("no tokenizer was given" if tokenizer is None else "this tokenizer has none"),
+            "use the tokenizer of an instruct/chat model, or write the data as instruction/output records",
+        )
+    messages = [{"role": turn.role, "content": turn.content} for turn in turns]
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except (
+        Exception
+    ) as err:  # the template's own refusals (e.g. "System role not supported") are jinja errors
+        reason = (f"{type(err).__name__}: {err}".strip().splitlines() or [""])[0][:300]
+        raise DataError(
+            f"{example.source or 'an example'}: the tokenizer's chat template cannot render this conversation "
+            f"({reason})",
+            "drop or merge the messages the template refuses (some templates take no system message)",
+        ) from err
+
+
+def conversation_pieces(example: Example, tokenizer: Any) -> list[tuple[str, bool]]:
+    """A conversation's text in order, cut where trained turns start and end: ``(text, trained)`` pieces.
+
+    A trained (assistant) turn's piece is what the chat template adds for it after the generation prompt:
+    its content and the template's end-of-turn text (e.g. ``<|im_end|>``), so the model learns to stop, as
+    TRL's ``assistant_only_loss`` marks it. The pieces are found by rendering the conversation's prefixes,
+    which needs a template that renders a prefix of a chat as a prefix of its text (templates that do not
+    are refused, naming the example)."""
+    full = _chat_text(example, tokenizer, example.turns, generation_prompt=False)
+    pieces: list[tuple[str, bool]] = []
+    done = 0
+    for i, turn in enumerate(example.turns):
+        if not turn.train:
+            continue
+        before = _chat_text(example, tokenizer, example.turns[:i], generation_prompt=True)
+        through = _chat_text(example, tokenizer, example.turns[: i + 1], generation_prompt=False)
+        if not (full.startswith(through) and through.startswith(before) and len(before) >= done):
+            raise DataError(
+                f"{example.source or 'an example'}: the tokenizer's chat template does not render turn {i + 1} "
+                "of this conversation as a continuation of the turns before it, so the assistant turns "
+                "cannot be told apart from the rest",
+                "use a chat template whose rendering of a chat's first turns is a prefix of the whole chat",
+            )
+        pieces += [(full[done : len(before)], False), (full[len(before) : len(through)], True)]
+        done = len(through)
+    pieces.append((full[done:], False))
+    return [piece for piece in pieces if piece[0]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -644,6 +768,30 @@ def _assemble(
     return features, prompt_truncated, response_truncated
 
 
+def _assemble_conversation(
+    example: Example, tokenizer: Any, max_prompt_length: int, max_length: int
+) -> tuple[dict[str, list[int]] | None, bool, bool]:
+    """Like :func:`_assemble` for a conversation: the text before its first trained turn is the prompt
+    (left-truncated to ``max_prompt_length``), the rest is cut at ``max_length``; labels only on trained
+    turns. No BOS or EOS is added: the chat template writes its own special tokens."""
+    pieces = conversation_pieces(example, tokenizer)
+    first = next(i for i, (_, trained) in enumerate(pieces) if trained)
+    ids = _tokenize(tokenizer, [text for text, _ in pieces])
+    prompt_ids = [token for piece in ids[:first] for token in piece]
+    rest = [token for piece in ids[first:] for token in piece]
+    labels = [
+        token if trained else IGNORE_INDEX
+        for piece, (_, trained) in zip(ids[first:], pieces[first:])
+        for token in piece
+    ]
+    prompt, prompt_truncated = _prompt_part(prompt_ids, [], max_prompt_length)
+    room = max_length - len(prompt)
+    if room <= 0:
+        return None, prompt_truncated, True
+    features = {"input_ids": prompt + rest[:room], "labels": [IGNORE_INDEX] * len(prompt) + labels[:room]}
+    return features, prompt_truncated, len(rest) > room
+
+
 def _status(features: dict | None, prompt_truncated: bool, response_truncated: bool) -> str:
     if features is None:
         return "dropped"
@@ -667,6 +815,9 @@ def encode_example(
     """
     _check_lengths(max_prompt_length, max_length)
     check_template(template, tokenizer)
+    if example.turns:
+        features, p_cut, r_cut = _assemble_conversation(example, tokenizer, max_prompt_length, max_length)
+        return features, _status(features, p_cut, r_cut)
     bos, eos = _bos_prefix(tokenizer, template), _eos_id(tokenizer)
     prompt_ids, response_ids = _tokenize(
         tokenizer, [render_prompt(example, template, tokenizer), example.output]
@@ -696,14 +847,23 @@ def encode_examples(
     check_template(template, tokenizer)
     if not examples:
         raise DataError("no examples to encode", "check the data path and split")
-    bos, eos = _bos_prefix(tokenizer, template), _eos_id(tokenizer)
-    prompts = _tokenize(tokenizer, [render_prompt(ex, template, tokenizer) for ex in examples])
-    responses = _tokenize(tokenizer, [ex.output for ex in examples])
+    bos = _bos_prefix(tokenizer, template)
+    plain = [ex for ex in examples if not ex.turns]
+    eos = _eos_id(tokenizer) if plain else None
+    prompts = iter(
+        _tokenize(tokenizer, [render_prompt(ex, template, tokenizer) for ex in plain]) if plain else []
+    )
+    responses = iter(_tokenize(tokenizer, [ex.output for ex in plain]) if plain else [])
     _warn_special_token_text(examples, tokenizer)
     stats = EncodeStats(examples=len(examples))
     encoded = []
-    for prompt_ids, response_ids in zip(prompts, responses):
-        features, p_cut, r_cut = _assemble(prompt_ids, response_ids, bos, eos, max_prompt_length, max_length)
+    for example in examples:
+        if example.turns:
+            features, p_cut, r_cut = _assemble_conversation(example, tokenizer, max_prompt_length, max_length)
+        else:
+            features, p_cut, r_cut = _assemble(
+                next(prompts), next(responses), bos, eos, max_prompt_length, max_length
+            )
         if features is None:
             stats.dropped += 1
             continue
@@ -739,7 +899,7 @@ def _warn_special_token_text(examples: Sequence[Example], tokenizer: Any) -> Non
             if found:
                 counts[1] += 1
                 if counts[2] is None:
-                    row = "row" if file.endswith("]") else "line"
+                    row = "row" if file.endswith(("]", *TABLE_SUFFIXES)) else "line"
                     where = f"{file}, {row} {number}" if number else file or "an example without a source"
                     counts[2] = (where, field, found.group())
                 break
@@ -765,7 +925,7 @@ def encode_prompt(
     """The prompt ids exactly as training sees them (same BOS rule and left truncation), for generation."""
     _check_lengths(max_prompt_length)
     check_template(template, tokenizer)
-    bos = _bos_prefix(tokenizer, template)
+    bos = [] if example.turns else _bos_prefix(tokenizer, template)
     (prompt_ids,) = _tokenize(tokenizer, [render_prompt(example, template, tokenizer)])
     return _prompt_part(prompt_ids, bos, max_prompt_length)[0]
 

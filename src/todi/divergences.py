@@ -44,8 +44,10 @@ __all__ = [
     "get_divergence",
     "log_probs",
     "masked_log_probs",
+    "parse_params",
     "register_divergence",
     "register_gradient",
+    "registered_names",
     "todi_weight",
 ]
 
@@ -66,6 +68,8 @@ class Divergence:
     # Optional closed form (student_logp, teacher_logp, **params) -> (value [...], d value / d s [..., V]),
     # s being the temperature-scaled student logits; lets the fused loss skip autograd.
     value_and_grad: Callable[..., tuple[Tensor, Tensor]] | None = None
+    # The divergence's own check of resolved parameters (a plugin's): raises ValueError naming the problem.
+    check: Callable[[dict[str, float]], None] | None = None
 
     def resolve(self, params: dict[str, Any]) -> dict[str, float]:
         """Defaults overlaid with ``params``; unknown names and out-of-range values raise ValueError."""
@@ -85,6 +89,11 @@ class Divergence:
                 raise ValueError(f"divergence {self.name!r}: beta={value} must be >= 0")
             if not math.isfinite(value):
                 raise ValueError(f"divergence {self.name!r}: {name}={value} must be finite")
+        if self.check is not None:
+            try:
+                self.check(resolved)
+            except ValueError as err:
+                raise ValueError(f"divergence {self.name!r}: {err}") from None
         return resolved
 
 
@@ -92,14 +101,22 @@ _REGISTRY: dict[str, Divergence] = {}
 
 
 def register_divergence(
-    name: str, params: dict[str, float] | None = None, summary: str = ""
+    name: str,
+    params: dict[str, float] | None = None,
+    summary: str = "",
+    *,
+    check: Callable[[dict[str, float]], None] | None = None,
 ) -> Callable[[DivergenceFn], DivergenceFn]:
-    """Decorator adding ``fn(student_logp, teacher_logp, **params)`` to the registry under ``name``."""
+    """Decorator adding ``fn(student_logp, teacher_logp, **params)`` to the registry under ``name``.
+
+    ``check(params)`` (optional) validates the resolved parameters and raises ValueError saying what is
+    wrong; ``todi distill --loss-params`` reports it as an option error before anything loads."""
 
     def add(fn: DivergenceFn) -> DivergenceFn:
         if name in _REGISTRY:
             raise ValueError(f"divergence {name!r} is already registered")
-        _REGISTRY[name] = Divergence(name, fn, dict(params or {}), summary or (fn.__doc__ or "").strip())
+        summary_text = summary or (fn.__doc__ or "").strip()
+        _REGISTRY[name] = Divergence(name, fn, dict(params or {}), summary_text, check=check)
         return fn
 
     return add
@@ -116,10 +133,40 @@ def register_gradient(name: str) -> Callable[[Callable], Callable]:
 
 
 def get_divergence(name: str) -> Divergence:
+    """The registry entry ``name``; an unknown name first loads the ``todi.divergences`` entry points."""
+    if name not in _REGISTRY:
+        from todi.plugins import load_entry_points
+
+        load_entry_points()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown divergence {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+
+
+def registered_names() -> tuple[str, ...]:
+    """Every registered divergence name, plugins' included (:data:`DIVERGENCES` holds todi's own)."""
+    return tuple(_REGISTRY)
+
+
+def parse_params(text: str | None, option: str = "--loss-params") -> dict[str, float]:
+    """``"beta=2,mu=0.3"`` -> ``{"beta": 2.0, "mu": 0.3}``; the divergence checks names and ranges."""
+    params: dict[str, float] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not key or number is None:
+            raise ValueError(f"{option}: {item.strip()!r} is not NAME=NUMBER (e.g. beta=2.0)")
+        if key in params:
+            raise ValueError(f"{option}: parameter {key!r} is given twice")
+        params[key] = number
+    return params
 
 
 def check_vocab(student_shape: torch.Size, teacher_shape: torch.Size) -> None:

@@ -15,6 +15,10 @@ class UsageError(TodiError):
     """Bad options or arguments (exit status 2)."""
 
 
+class DataError(TodiError):
+    """Bad training/evaluation data, template or tokenizer: the message says where, the hint what to do."""
+
+
 class NonFiniteError(TodiError, ValueError):
     """A NaN or infinity where a number must be finite (a teacher's logits, a loss, a gradient norm)."""
 

@@ -48,6 +48,7 @@ from todi.data import (
     resolve_data_root,
 )
 from todi.errors import UsageError
+from todi.formats import TABLE_SUFFIXES, parse_columns
 from todi.models import load_causal_lm, load_tokenizer, model_identity, resolve_dtype
 from todi.options import option
 from todi.outputs import OutputFolder
@@ -399,7 +400,12 @@ class Config:
         action=_Repeatable,
     )
     data: str = option(
-        PAPER_DATASETS, "comma-separated data set names (<data root>/<name>/test.jsonl) or .jsonl paths"
+        PAPER_DATASETS,
+        "comma-separated data set names (<data root>/<name>/test.jsonl) or data files (.jsonl, .json, "
+        ".parquet, .csv; records as for `todi distill --data`)",
+    )
+    columns: str | None = option(
+        None, "read fields from other columns, FIELD=COLUMN,... (e.g. input=context,output=response)"
     )
     seeds: str = option(PAPER_SEEDS, "comma-separated sampling seeds, one run each")
     max_examples: int | None = option(None, "use only the first N examples of each set")
@@ -450,6 +456,7 @@ class Config:
             )
         self.generation_settings().validate()
         check_template(self.template)
+        parse_columns(self.columns)
         parse_seeds(self.seeds)
         _model_names(self)
 
@@ -523,7 +530,7 @@ def resolve_datasets(data: str, data_root: str | None = None) -> dict[str, Path 
     sources: dict[str, Path | str] = {}
     for item in items:
         path = Path(item).expanduser()
-        looks_like_path = os.sep in item or "/" in item or item.endswith((".jsonl", ".json"))
+        looks_like_path = os.sep in item or "/" in item or item.endswith((".jsonl", ".json", *TABLE_SUFFIXES))
         if not looks_like_path and item in found:
             name, source = item, root / item / "test.jsonl"
         elif looks_like_path or path.exists():
@@ -560,6 +567,7 @@ def _settings_record(config: Config) -> dict[str, Any]:
         "template": config.template,
         "max_prompt_length": config.max_prompt_length,
         "max_examples": config.max_examples,
+        **({"columns": config.columns} if config.columns else {}),  # absent: as before the option existed
         **settings,
     }
 
@@ -678,10 +686,12 @@ def _write_cell(
     report.write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def _load_datasets(sources: dict[str, Path | str], max_examples: int | None) -> dict[str, list[Example]]:
+def _load_datasets(
+    sources: dict[str, Path | str], max_examples: int | None, columns: str | None = None
+) -> dict[str, list[Example]]:
     datasets = {}
     for name, source in sources.items():
-        examples = load_examples(source, split="test", max_examples=max_examples)
+        examples = load_examples(source, split="test", max_examples=max_examples, columns=columns)
         if any(not ex.references for ex in examples):
             raise DataError(
                 f"{source}: some examples have no reference output", "ROUGE-L needs an 'output' per example"
@@ -763,7 +773,7 @@ def _evaluate_models(config: Config) -> None:
     names = _model_names(config)
     # Everything a user can get wrong is checked before the first (slow) model load.
     sources = resolve_datasets(config.data, config.data_root)
-    datasets = _load_datasets(sources, config.max_examples)
+    datasets = _load_datasets(sources, config.max_examples, config.columns)
     out = Path(config.out)
     pred_root = out / "predictions"
     inputs = _numbered("--model", config.model) | _numbered("--data", [str(s) for s in sources.values()])

@@ -55,6 +55,9 @@ SEGMENTS_NAME = "segments.jsonl"
 # parameter shapes): refused, even with --resume-changed.
 LOCKED_ON_RESUME = (
     "data",
+    "data_config",
+    "data_split",
+    "columns",
     "max_examples",
     "template",
     "max_length",
@@ -66,6 +69,7 @@ LOCKED_ON_RESUME = (
     "lora_target",
     "model",
     "student",
+    "optim",  # another optimizer cannot take over this one's state
 )
 # Options free to change on resume: how long to train, how the run is evaluated, logged, checkpointed
 # and how the loss is computed (not what it computes). Any other change needs --resume-changed.
@@ -93,6 +97,53 @@ FREE_ON_RESUME = frozenset(
         "chunk_size",
         "compile",
         "save_samples",
+        "dev_split",
+        "gradient_checkpointing",
+        "push_to_hub",
+        "hub_model_id",
+        "plugin",  # imports code only; what the loss computes is --loss and its parameters
+    }
+)
+# Options whose change continues the run with another objective or optimisation: allowed with
+# --resume-changed (and recorded), refused without. Every option is in exactly one of the three sets.
+CHANGED_ON_PURPOSE = frozenset(
+    {
+        "lr",
+        "lr_scheduler",
+        "min_lr",
+        "warmup_steps",
+        "warmup_ratio",
+        "weight_decay",
+        "max_grad_norm",
+        "grad_accum",
+        "dtype",
+        "mixed_precision",
+        "trust_remote_code",
+        "lora_alpha",
+        "lora_dropout",
+        "keep_adapter",
+        "teacher",
+        "teacher_cache",
+        "cache_tail",
+        "teacher_lora",
+        "teacher_dtype",
+        "loss",
+        "kd_rate",
+        "temperature",
+        "beta",
+        "skew",
+        "mu",
+        "loss_params",
+        # on-policy (todi.onpolicy): which responses the steps learn from
+        "lmbda",
+        "seq_kd",
+        "on_policy_ce",
+        "replay_buffer",
+        "replay_ratio",
+        "gen_temperature",
+        "gen_top_p",
+        "gen_top_k",
+        "gen_max_new_tokens",
     }
 )
 

@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -78,8 +78,9 @@ from todi.checkpoint import (
     save_checkpoint,
 )
 from todi.data import DataCollator, supervised_positions
-from todi.divergences import DIVERGENCES, get_divergence
+from todi.divergences import DIVERGENCES, get_divergence, parse_params, registered_names
 from todi.errors import NonFiniteError, Stopped, UsageError
+from todi.formats import parse_columns
 from todi.losses import LossOutput
 from todi.losses.sparse import SparseTeacher
 from todi.models import (
@@ -94,6 +95,13 @@ from todi.models import (
     resolve_dtype,
 )
 from todi.onpolicy import PolicyOptions, ResponseSource, StepBatches
+from todi.optim import (
+    build_optimizer,
+    build_scheduler,
+    cosine_schedule,
+    optimizer_problem,
+    resolve_warmup,
+)
 from todi.options import option
 from todi.outputs import OutputFolder
 from todi.parallel import (
@@ -104,6 +112,7 @@ from todi.parallel import (
     replicated_loading,
     sum_over_ranks,
 )
+from todi.plugins import load_plugins
 from todi.run_record import append_segment, check_resume, run_identity, write_run_info
 
 logger = logging.getLogger(__name__)
@@ -137,10 +146,28 @@ class TrainConfig(abc.ABC):
 
     data: str = option(
         "",
-        "training data (required): a .jsonl file, a folder holding train.jsonl, a datasets save_to_disk "
-        "folder or a Hub data set name",
+        "training data (required): a .jsonl, .json, .parquet or .csv file, a folder holding train.jsonl, a "
+        "datasets save_to_disk folder or a Hub data set name; records in the instruction/input/output form "
+        "(Dolly's context/response too), prompt/completion or chat messages (docs/data_formats.md)",
+        aliases=["--dataset_name"],
     )
-    out: str = option("", "run folder (required): config, metrics.jsonl, tb/, checkpoints/, best/, final/")
+    data_config: str | None = option(
+        None, "configuration of a Hub data set (load_dataset's name)", aliases=["--dataset_config"]
+    )
+    data_split: str = option("train", "split of --data to train on", aliases=["--dataset_train_split"])
+    dev_split: str = option(
+        "dev", "split of --dev (dev also finds valid / validation)", aliases=["--dataset_test_split"]
+    )
+    columns: str | None = option(
+        None,
+        "read fields from other columns, FIELD=COLUMN,...: e.g. input=context,output=response, "
+        "messages=conversation (fields: instruction, input, output, prompt, completion, messages)",
+    )
+    out: str = option(
+        "",
+        "run folder (required): config, metrics.jsonl, tb/, checkpoints/, best/, final/",
+        aliases=["--output_dir"],
+    )
     dev: str | None = option(
         None, "dev data, scored during training (dev loss, dev ROUGE-L); a folder gives its dev.jsonl"
     )
@@ -172,16 +199,41 @@ class TrainConfig(abc.ABC):
         "bucket", "batch examples of similar length together (less padding)"
     )
     # optimisation
-    epochs: int = option(10, "passes over the training data (ignored when --max-steps is set)")
+    epochs: int = option(
+        10, "passes over the training data (ignored when --max-steps is set)", aliases=["--num_train_epochs"]
+    )
     max_steps: int = option(0, "optimizer steps to run; 0 = --epochs full passes")
-    batch_size: int = option(8, "examples per micro-batch per device")
-    grad_accum: int = option(1, "micro-batches per optimizer step per device")
-    lr: float = option(5e-4, "peak learning rate (AdamW)")
+    batch_size: int = option(
+        8, "examples per micro-batch per device", aliases=["--per_device_train_batch_size"]
+    )
+    grad_accum: int = option(
+        1, "micro-batches per optimizer step per device", aliases=["--gradient_accumulation_steps"]
+    )
+    lr: float = option(5e-4, "peak learning rate", aliases=["--learning_rate"])
+    optim: Literal[
+        "adamw", "adamw_torch", "adamw_fused", "adamw_torch_fused", "sgd", "adamw_8bit", "adamw_bnb_8bit"
+    ] = option(
+        "adamw",
+        "optimizer: adamw (PyTorch's AdamW), adamw_fused (its fused kernel), sgd, adamw_8bit (bitsandbytes); "
+        "the Trainer's names adamw_torch, adamw_torch_fused, adamw_bnb_8bit work too",
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option(
+        "cosine",
+        "learning-rate schedule after the warm-up: cosine (todi's, decays to --min-lr), or transformers' "
+        "linear, constant, constant_with_warmup",
+        aliases=["--lr_scheduler_type"],
+    )
     min_lr: float = option(0.0, "learning rate at the end of the cosine decay")
-    warmup_steps: int = option(0, "steps of linear warm-up before the cosine decay")
+    warmup_steps: int = option(0, "steps of linear warm-up before the decay")
+    warmup_ratio: float = option(
+        0.0, "warm-up as a share of all steps (rounded up); instead of --warmup-steps"
+    )
     weight_decay: float = option(0.0, "AdamW weight decay, applied to weight matrices only")
     max_grad_norm: float = option(1.0, "gradient clipping threshold (global L2 norm)")
     seed: int = option(42, "seed of initialisation (LoRA), data order and dropout")
+    gradient_checkpointing: bool = option(
+        False, "recompute activations in the backward pass (less memory, more compute)"
+    )
     # precision and memory
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "dtype of the trained weights; auto = float32 (with bf16 autocast on GPUs)"
@@ -202,20 +254,117 @@ class TrainConfig(abc.ABC):
     lora_target: str = option("all-linear", "LoRA target modules: all-linear or comma-separated module names")
     keep_adapter: bool = option(False, "export the LoRA adapter instead of merging it into the weights")
     # evaluation
-    eval_every: int = option(0, "evaluate on --dev every N steps; 0 = at the end of every epoch")
+    eval_every: int = option(
+        0, "evaluate on --dev every N steps; 0 = at the end of every epoch", aliases=["--eval_steps"]
+    )
     eval_seeds: str = option("10", "comma-separated sampling seeds for dev ROUGE-L (mean over seeds)")
     eval_max_new_tokens: int = option(256, "tokens generated per dev answer")
     eval_batch_size: int = option(8, "dev prompts generated at once per device")
     # checkpoints and logs
     save_every: int = option(
-        500, "checkpoint every N steps (also after every evaluation and at the end); 0 = off"
+        500,
+        "checkpoint every N steps (also after every evaluation and at the end); 0 = off",
+        aliases=["--save_steps"],
     )
     save_best: int = option(1, "keep the N checkpoints with the best dev score (ROUGE-L), besides the newest")
-    keep_last: int = option(2, "keep the N newest checkpoints (>= 2 leaves one to fall back on)")
-    log_every: int = option(10, "write metrics every N steps")
+    keep_last: int = option(
+        2, "keep the N newest checkpoints (>= 2 leaves one to fall back on)", aliases=["--save_total_limit"]
+    )
+    log_every: int = option(10, "write metrics every N steps", aliases=["--logging_steps"])
     report_to: str = option("tensorboard", "comma-separated: tensorboard, wandb, none (metrics.jsonl always)")
+    push_to_hub: bool = option(False, "upload OUT/final to the Hugging Face Hub once the run has succeeded")
+    hub_model_id: str | None = option(None, "Hub repository for --push-to-hub (default: the name of --out)")
 
     command = "train"
+    # `--help` shows the options in these groups (see todi.cli); every option belongs to one.
+    option_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "required": ("model", "teacher", "student", "data", "out"),
+        "data": (
+            "data_config",
+            "data_split",
+            "columns",
+            "dev",
+            "dev_split",
+            "template",
+            "max_length",
+            "max_prompt_length",
+            "max_examples",
+            "dev_max_examples",
+            "group_by_length",
+        ),
+        "training": (
+            "epochs",
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "optim",
+            "lr_scheduler",
+            "min_lr",
+            "warmup_steps",
+            "warmup_ratio",
+            "weight_decay",
+            "max_grad_norm",
+            "seed",
+            "gradient_checkpointing",
+            "dtype",
+            "mixed_precision",
+            "trust_remote_code",
+            "lora_r",
+            "lora_alpha",
+            "lora_dropout",
+            "lora_target",
+            "keep_adapter",
+            "nan_policy",
+        ),
+        "distillation": (
+            "teacher_cache",
+            "cache_tail",
+            "teacher_lora",
+            "teacher_dtype",
+            "loss",
+            "kd_rate",
+            "temperature",
+            "beta",
+            "skew",
+            "mu",
+            "loss_params",
+            "plugin",
+            "fused",
+            "chunk_size",
+            "compile",
+        ),
+        "on-policy": (
+            "lmbda",
+            "seq_kd",
+            "on_policy_ce",
+            "replay_buffer",
+            "replay_ratio",
+            "gen_temperature",
+            "gen_top_p",
+            "gen_top_k",
+            "gen_max_new_tokens",
+        ),
+        "evaluation on --dev": ("eval_every", "eval_seeds", "eval_max_new_tokens", "eval_batch_size"),
+        "output": (
+            "resume",
+            "resume_changed",
+            "overwrite",
+            "save_every",
+            "save_best",
+            "keep_last",
+            "log_every",
+            "report_to",
+            "push_to_hub",
+            "hub_model_id",
+            "save_samples",
+        ),
+    }
+    # Trainer flags that set another option: --bf16 [true|false] -> --mixed-precision bf16 (false: no).
+    flag_values: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "bf16": ("mixed_precision", "bf16", "no"),
+        "fp16": ("mixed_precision", "fp16", "no"),
+    }
 
     def __post_init__(self) -> None:
         self.check()
@@ -254,6 +403,10 @@ class TrainConfig(abc.ABC):
                 out.append(text)
 
         need(bool(self.data), "--data is required")
+        try:
+            parse_columns(self.columns)
+        except UsageError as err:
+            out.append(str(err))
         need(bool(self.out), "--out is required")
         need(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
         need(not self.resume_changed or self.resume, "--resume-changed applies to --resume")
@@ -285,6 +438,18 @@ class TrainConfig(abc.ABC):
         for name in ("warmup_steps", "save_every", "save_best", "eval_every", "lora_r"):
             value = getattr(self, name)
             need(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(
+            not (self.warmup_ratio and self.warmup_steps),
+            "give one of --warmup-steps and --warmup-ratio, not both",
+        )
+        need(
+            self.lr_scheduler == "cosine" or not self.min_lr,
+            f"--min-lr applies to --lr-scheduler cosine (the {self.lr_scheduler} schedule ends at 0)",
+        )
+        problem = optimizer_problem(self.optim)
+        need(problem is None, problem or "")
+        need(not self.hub_model_id or self.push_to_hub, "--hub-model-id applies to --push-to-hub")
         need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr], got {self.min_lr}")
         need(
@@ -324,7 +489,11 @@ class TrainConfig(abc.ABC):
 class SFTConfig(TrainConfig):
     """Fine-tune a causal LM on instruction data (cross-entropy on the response tokens)."""
 
-    model: str = option("", "model to fine-tune (required): a local folder or a Hugging Face Hub id")
+    model: str = option(
+        "",
+        "model to fine-tune (required): a local folder or a Hugging Face Hub id",
+        aliases=["--model_name_or_path"],
+    )
 
     command = "sft"
 
@@ -344,7 +513,9 @@ class DistillConfig(TrainConfig):
     """Distil a teacher into a student: (1 - kd_rate) CE + kd_rate divergence(teacher || student)."""
 
     teacher: str = option(
-        "", "teacher (required unless --teacher-cache): a local folder (e.g. runs/teacher/final) or a Hub id"
+        "",
+        "teacher (required unless --teacher-cache): a local folder (e.g. runs/teacher/final) or a Hub id",
+        aliases=["--teacher_model_name_or_path"],
     )
     teacher_cache: str | None = option(
         None,
@@ -357,7 +528,9 @@ class DistillConfig(TrainConfig):
         "the tail tokens the cache drew; bucket = on the k stored tokens + one tail bucket (fastest); "
         "uniform = on all tokens, the tail mass spread evenly (see docs/performance.md)",
     )
-    student: str = option("", "student to train (required): a local folder or a Hub id")
+    student: str = option(
+        "", "student to train (required): a local folder or a Hub id", aliases=["--model_name_or_path"]
+    )
     teacher_lora: str | None = option(None, "PEFT adapter folder merged into the teacher when it loads")
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "teacher dtype; auto = bfloat16 on GPUs, float32 on CPU"
@@ -368,6 +541,16 @@ class DistillConfig(TrainConfig):
     beta: float | None = option(None, "ToDi: sharpness of the FKL/RKL weight (default 1.0)")
     skew: float | None = option(None, "skl / srkl: mixing weight (default 0.1)")
     mu: float | None = option(None, "akl: head/tail threshold (default 0.5)")
+    loss_params: str | None = option(
+        None,
+        "parameters of the --loss divergence, NAME=VALUE,... (e.g. beta=2 for todi); any registered "
+        "divergence, a --plugin's included, checks its own",
+    )
+    plugin: str | None = option(
+        None,
+        "comma-separated modules to import first; they register divergences for --loss (installed packages "
+        "can use the entry point group todi.divergences instead)",
+    )
     # on-policy: the responses a step learns from (see todi.onpolicy)
     lmbda: float = option(
         0.0,
@@ -425,9 +608,10 @@ class DistillConfig(TrainConfig):
         }
 
     def divergence_params(self) -> dict[str, float]:
-        return {
+        named = {
             name: getattr(self, name) for name in ("beta", "skew", "mu") if getattr(self, name) is not None
         }
+        return named | parse_params(self.loss_params)
 
     def loss_options(self) -> dict[str, Any]:
         options = {"divergence": self.loss, "kd_rate": self.kd_rate, "temperature": self.temperature}
@@ -446,14 +630,32 @@ class DistillConfig(TrainConfig):
         if not (math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
             # Below it softmax(z / T) is a hard argmax whose 1/T gradient scale overflows float32.
             out.append(f"--temperature must be a finite number >= {MIN_TEMPERATURE}, got {self.temperature}")
-        if self.loss not in DIVERGENCES:
-            out.append(f"--loss: unknown divergence {self.loss!r} (choose one of {', '.join(DIVERGENCES)})")
-        else:
-            try:
-                get_divergence(self.loss).resolve(self.divergence_params())
-            except ValueError as err:
-                out.append(f"--loss {self.loss}: {err}")
-        return out + self._policy_problems() + super().problems()
+        return out + self._loss_problems() + self._policy_problems() + super().problems()
+
+    def _loss_problems(self) -> list[str]:
+        """--plugin, --loss and its parameters, which the divergence checks itself."""
+        try:
+            load_plugins(self.plugin)  # first: a plugin registers divergences that --loss may name
+            params = parse_params(self.loss_params)
+        except (UsageError, ValueError) as err:
+            return [str(err)]
+        both = sorted(
+            name for name in ("beta", "skew", "mu") if name in params and getattr(self, name) is not None
+        )
+        if both:
+            return [f"--loss-params and --{both[0]} both give {both[0]}; keep one"]
+        try:
+            divergence = get_divergence(self.loss)
+        except ValueError:
+            known = ", ".join(registered_names())
+            return [
+                f"--loss: unknown divergence {self.loss!r} (choose one of {known}, or add one with --plugin)"
+            ]
+        try:
+            divergence.resolve(self.divergence_params())
+        except ValueError as err:
+            return [f"--loss {self.loss}: {err}"]
+        return []
 
     def _policy_problems(self) -> list[str]:
         out = []
@@ -529,7 +731,13 @@ def train(config: TrainConfig) -> Path:
     )
     folder.check(reuse=config.resume)  # read-only: every rank may run it
     with claimed(accelerator, folder):
-        return _train(config, accelerator, folder)
+        final = _train(config, accelerator, folder)
+    if config.push_to_hub and accelerator.is_main_process:  # only once the run folder is complete
+        from todi.hub import push_folder
+
+        repo = config.hub_model_id or Path(config.out).resolve().name
+        push_folder(final, repo, commit_message=f"todi {config.command}: {Path(config.out).name}")
+    return final
 
 
 def _train(config: TrainConfig, accelerator: Any, folder: OutputFolder) -> Path:
@@ -758,12 +966,15 @@ def _load_data(config: TrainConfig, tokenizer: Any) -> tuple[list[dict], list[An
         "max_prompt_length": config.max_prompt_length,
         "max_length": config.max_length,
     }
-    examples = load_examples(config.data, "train", max_examples=config.max_examples)
+    source = {"columns": config.columns, "hub_config": config.data_config}
+    examples = load_examples(config.data, config.data_split, max_examples=config.max_examples, **source)
     train_set, _ = encode_examples(examples, tokenizer, **lengths)
     dev_examples: list[Any] = []
     dev_set: list[dict] = []
     if config.dev:
-        dev_examples = load_examples(config.dev, "dev", max_examples=config.dev_max_examples)
+        dev_examples = load_examples(
+            config.dev, config.dev_split, max_examples=config.dev_max_examples, **source
+        )
         dev_set, _ = encode_examples(dev_examples, tokenizer, **lengths)
     return train_set, dev_examples, dev_set
 
@@ -812,11 +1023,23 @@ def _setup_student(config: TrainConfig, accelerator: Any) -> nn.Module:
     set_seed(config.seed)  # LoRA initialisation and dropout; a resume restores the RNG states later
     student = _build_student(config, resolve_dtype(config.dtype, accelerator.device))
     check_finite_parameters(student, f"student {config.student_path}")
+    if config.gradient_checkpointing:
+        _enable_activation_checkpointing(causal_lm(student))
     trainable, total = count_parameters(student)
     logger.info(
         "student %s: %.1fM of %.1fM parameters trainable", config.student_path, trainable / 1e6, total / 1e6
     )
     return student
+
+
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    """``--gradient-checkpointing``, non-reentrant: it needs no input that requires grad, so frozen
+    embeddings (LoRA) work as they are. transformers 5 renamed the method; 4.x has the old name only."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _build_student(config: TrainConfig, dtype: torch.dtype) -> nn.Module:
@@ -910,7 +1133,7 @@ class _ForwardTimer:
 def _setup_optimizer(
     config: TrainConfig, accelerator: Any, student: nn.Module, teacher: _Teacher, total_steps: int
 ) -> tuple[nn.Module, Any, Any]:
-    """The student with its objective (:class:`LossModule`), AdamW and the cosine schedule, prepared by
+    """The student with its objective (:class:`LossModule`), the optimizer and schedule (:mod:`todi.optim`), prepared by
     accelerate (DDP / FSDP / DeepSpeed wrap them here)."""
     from todi.losses import causal_lm_distillation_loss
 
@@ -922,9 +1145,14 @@ def _setup_optimizer(
         compile=config.compile,
     )
     model = LossModule(student, teacher.model, loss_fn)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-    schedule = cosine_schedule(config.warmup_steps, total_steps, config.min_lr / config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer = build_optimizer(config.optim, _param_groups(model, config.weight_decay), config.lr)
+    scheduler = build_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        warmup=resolve_warmup(config.warmup_steps, config.warmup_ratio, total_steps),
+        total_steps=total_steps,
+        min_ratio=config.min_lr / config.lr,
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     module = accelerator.unwrap_model(model)
     module.fused = config.fused
@@ -943,20 +1171,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
-
-
-def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier for step ``step``: linear warm-up to 1, then cosine decay to ``min_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    # A plain function on purpose: LambdaLR checkpoints the __dict__ of callable objects, which would
-    # pin total_steps on resume; a function is rebuilt from the current options instead.
-    return factor
 
 
 def _setup_responses(
