@@ -20,6 +20,11 @@
 # --dry-run (or DRY_RUN=1): tiny teacher and data (benchmarks/gpu_evidence_tiny.py) instead of SmolLM2
 # and Dolly, objectives sft,todi; on a machine without CUDA the CUDA tests skip with their reasons.
 # BUDGET_S (default 530; 1200 in a dry run) is the script's whole time.
+#
+# Back on the development machine (FILES_AT: where the device tool put the files from $OUT):
+#   cp FILES_AT/summary.json benchmarks/results/gpu_evidence.json
+#   mkdir -p /tmp/gpu_short && tar -xzf FILES_AT/gpu_short_run.tar.gz -C /tmp/gpu_short
+#   python experiments/dolly_smollm2/report.py /tmp/gpu_short/run --section gpu-short   # docs/results.md
 set -u
 DRY_RUN="${DRY_RUN:-0}"
 [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
@@ -121,11 +126,12 @@ for phase in cuda sharded; do
     fi
     # -x for the CUDA file (its order is cheapest-first, see its docstring); the sharded tests are independent
     stop=$([ "$phase" = cuda ] && echo -x || echo "")
-    timeout -k 10 "$limit" python3 -m pytest -q $stop "$file" -p no:cacheprovider -rs --durations=10 \
+    timeout -k 10 "$limit" python3 -m pytest -v $stop "$file" -p no:cacheprovider -rs --durations=10 \
         --junitxml="$WORK/$phase.xml" -o junit_family=xunit1 >"$WORK/logs/$phase.log" 2>&1
     rc=$?
-    tail -n 25 "$WORK/logs/$phase.log"
-    record "$phase" "$(status_of $rc)" $((SECONDS - start)) --junit "$WORK/$phase.xml"
+    grep -E "PASSED|FAILED|ERROR|^E |Error" "$WORK/logs/$phase.log" | tail -n 40
+    tail -n 12 "$WORK/logs/$phase.log"
+    record "$phase" "$(status_of $rc)" $((SECONDS - start)) --junit "$WORK/$phase.xml" --log "$WORK/logs/$phase.log"
 done
 
 # ---- wait for phase 3 (run.py keeps its own deadline; this is the backstop)

@@ -14,15 +14,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 
-def junit_tests(path: Path) -> dict:
-    """pytest's JUnit XML as per-test outcomes and counts."""
+def _counts(tests: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for test in tests:
+        counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
+    return counts
+
+
+def log_tests(path: Path | None) -> dict:
+    """Per-test outcomes from a ``pytest -v`` log: pytest writes its JUnit XML only when the session ends,
+    so a run stopped by ``timeout`` leaves only the log."""
+    if path is None or not path.is_file():
+        return {"error": "pytest wrote neither its JUnit XML nor a log"}
+    found = re.findall(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", path.read_text(), re.M)
+    tests = [{"name": name, "outcome": outcome.lower()} for name, outcome in found]
+    return {"counts": _counts(tests), "tests": tests, "note": "from the log: the JUnit XML was not written"}
+
+
+def junit_tests(path: Path, log: Path | None = None) -> dict:
+    """pytest's JUnit XML as per-test outcomes and counts (else what the -v log shows)."""
     if not path.is_file():
-        return {"error": f"{path.name} was not written (pytest was stopped or did not start)"}
+        return log_tests(log)
     tests = []
     for case in ET.parse(path).getroot().iter("testcase"):
         outcome, message = "passed", None
@@ -39,10 +57,7 @@ def junit_tests(path: Path) -> dict:
                 **({"message": message} if message else {}),
             }
         )
-    counts: dict[str, int] = {}
-    for test in tests:
-        counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
-    return {"counts": counts, "tests": tests}
+    return {"counts": _counts(tests), "tests": tests}
 
 
 def main() -> None:
@@ -53,6 +68,7 @@ def main() -> None:
     parser.add_argument("seconds", type=float)
     parser.add_argument("--reason", default=None)
     parser.add_argument("--junit", type=Path, default=None)
+    parser.add_argument("--log", type=Path, default=None, help="pytest -v log, read when --junit is missing")
     parser.add_argument("--json", type=Path, action="append", default=[])
     args = parser.parse_args()
     summary = json.loads(args.summary.read_text()) if args.summary.is_file() else {"phases": {}}
@@ -60,7 +76,7 @@ def main() -> None:
     if args.reason:
         entry["reason"] = args.reason
     if args.junit is not None:
-        entry["pytest"] = tests = junit_tests(args.junit)
+        entry["pytest"] = tests = junit_tests(args.junit, args.log)
         counts = tests.get("counts", {})
         if counts and set(counts) == {"skipped"} and args.status == "passed":
             # pytest exits 0 when every test skips: say so, with the reason the tests gave

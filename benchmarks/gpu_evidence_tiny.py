@@ -58,6 +58,7 @@ TINY_SIZES = {
     "max_length": 64,
     "max_prompt_length": 32,
     "top_k": 8,
+    "cache_batch_size": 4,
     "epochs": 1,
     "batch_size": 4,
     "warmup_steps": 1,

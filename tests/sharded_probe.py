@@ -7,7 +7,7 @@ head weight (its class, shape, element count, whether it is a DTensor) and the n
 RECORD.json. Under FSDP2 a parameter read outside its unit's unshard is a DTensor shard, and under ZeRO-3
 a partitioned parameter is an empty tensor; the fused loss must see neither. ``SHARDED_PROBE_SLEEP``
 seconds of sleep per call slow a run down so that a test can kill it between checkpoints (the arithmetic
-is unchanged).
+is unchanged); each rank writes its process id to RECORD.json.pid<rank> for such a kill.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ def main() -> int:
     original = causal_lm.fused_linear_distillation_loss
     pause = float(os.environ.get("SHARDED_PROBE_SLEEP", "0"))
     record: dict = {"calls": 0, "rank": int(os.environ.get("RANK", "0"))}
+    # torchrun starts each worker in a session of its own: a test that kills the launcher's process group
+    # must find the workers by these files
+    record_path.with_name(f"{record_path.name}.pid{record['rank']}").write_text(str(os.getpid()))
 
     def probed(student_hidden, student_weight, *args, **kwargs):
         if record["calls"] == 0:

@@ -23,6 +23,7 @@ moved the weights far beyond ATOL, so the equality is not that of two untrained 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -192,7 +193,12 @@ def test_fsdp2_resume_after_a_kill_equals_the_plain_run(assets, plain):
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     while not list_checkpoints(out) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and its worker, with no chance to save
+    # The worker first (torchrun gave it a session of its own), then the launcher: no chance to save.
+    for pid_file in record.parent.glob(f"{record.name}.pid*"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
     log = process.communicate(timeout=60)[0]
     assert not (out / "final").exists(), f"the run ended before it was killed:\n{log[-2000:]}"
     checkpoints = list_checkpoints(out)

@@ -218,7 +218,7 @@ def main() -> None:
                 "--temperatures",
                 str(profile["temperature"]),
                 "--batch-size",
-                "8",
+                str(profile.get("cache_batch_size", 8)),
                 *lengths,
                 *subset,
             ],
