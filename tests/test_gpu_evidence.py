@@ -244,3 +244,34 @@ def test_gpu_short_pipeline_end_to_end_at_toy_size(tmp_path):
     assert f"{ce['teacher']['ce']:.3f}" in teacher_row
     todi_row = next(line for line in text.splitlines() if line.startswith("| ToDi |"))
     assert f"{ce['todi']['ce']:.3f} | {ce['todi']['ce'] - ce['teacher']['ce']:+.3f}" in todi_row
+
+
+def test_summary_keeps_each_phase_and_reads_pytest_outcomes(tmp_path):
+    summary = _module(REPO / "benchmarks" / "gpu_evidence_summary.py", "gpu_evidence_summary")
+    xml = tmp_path / "cuda.xml"
+    xml.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_cuda" name="test_a" time="1.5"/>'
+        '<testcase classname="tests.test_cuda" name="test_b" time="0.1"><failure message="off by 2e-3"/></testcase>'
+        '<testcase classname="tests.test_cuda" name="test_c" time="0"><skipped message="needs a CUDA device"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    parsed = summary.junit_tests(xml)
+    assert parsed["counts"] == {"passed": 1, "failed": 1, "skipped": 1}
+    assert parsed["tests"][1] == {"name": "tests.test_cuda::test_b", "outcome": "failed", "seconds": 0.1,
+                                  "message": "off by 2e-3"}  # fmt: skip
+    log = tmp_path / "cuda.log"  # a pytest stopped by `timeout` leaves only its -v log
+    log.write_text("tests/test_cuda.py::test_a PASSED [ 50%]\ntests/test_cuda.py::test_b[x] FAILED [100%]\n")
+    parsed = summary.junit_tests(tmp_path / "missing.xml", log)
+    assert parsed["counts"] == {"passed": 1, "failed": 1} and "JUnit XML was not written" in parsed["note"]
+    skipped = tmp_path / "skipped.xml"
+    skipped.write_text(
+        '<testsuite><testcase classname="t" name="a"><skipped message="no GPU"/></testcase></testsuite>'
+    )
+    out = tmp_path / "summary.json"
+    script = str(REPO / "benchmarks" / "gpu_evidence_summary.py")
+    for argv in (["setup", "done", "3"], ["cuda", "passed", "7", "--junit", str(skipped)]):
+        subprocess.run([sys.executable, script, str(out), *argv], check=True, capture_output=True)
+    phases = json.loads(out.read_text())["phases"]
+    assert phases["setup"] == {"status": "done", "seconds": 3.0}  # earlier phases stay
+    assert phases["cuda"]["status"] == "skipped" and phases["cuda"]["reason"] == "no GPU"

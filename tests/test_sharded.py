@@ -14,11 +14,15 @@ float32 weights and math, no mixed precision):
 
 Tolerance ATOL = 5e-5 (absolute, per weight, after 12 AdamW steps at lr 5e-4). With one rank a shard is
 the whole tensor, so the sharded runs do the plain run's arithmetic in another order (FSDP's gradient
-reduce-scatter, ZeRO's flattened buffers and gradient-norm sums, CUDA's non-deterministic embedding
-backward): differences of ~1e-7 relative on the gradients, which Adam turns into ~1e-6 on the weights.
-A real fault moves a weight by about one update (lr = 5e-4 per step), ten times ATOL: a missed or
-doubled gradient, a step lost on resume, a shard used as the head. The tests also check that training
-moved the weights far beyond ATOL, so the equality is not that of two untrained models.
+reduce-scatter, ZeRO's flattened buffers and gradient-norm sums, CUDA kernels that add atomically): we
+expect float32 rounding, ~1e-7 relative on the gradients and ~1e-6 on the weights (an estimate; the GPU
+run will tell). A real fault moves a weight by about one update (lr = 5e-4 per step), ten times ATOL: a
+missed or doubled gradient, a step lost on resume, a stale or partial head. The tests also check that
+training moved the weights far beyond ATOL, so the equality is not that of two untrained models.
+
+One GPU cannot show a numerically wrong shard (the one shard is everything); what it can show is the
+representation the loss receives: FSDP2 hands out a DTensor and ZeRO-3 an empty placeholder outside an
+unshard, and the probe's record must show neither. Several GPUs would test the shard contents as well.
 """
 
 from __future__ import annotations
