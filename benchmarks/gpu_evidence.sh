@@ -49,8 +49,13 @@ status_of() { case "$1" in 0) echo passed ;; 124 | 137) echo "timed out" ;; *) e
 echo "== setup ($([ "$DRY_RUN" = 1 ] && echo dry run || echo GPU run), budget ${BUDGET_S}s)"
 start=$SECONDS
 if compgen -G "$CARRY/whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
-        "$CARRY"/whl/*.whl 2>&1 | grep -v -i warning | tail -n 5
+    install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$WORK/site" "$@" 2>&1 | grep -v -i warning | tail -n 3; }
+    # one unusable wheel (another Python) fails the whole install: then each wheel on its own
+    install "$CARRY"/whl/*.whl || true
+    if [ "$(find "$WORK/site" -maxdepth 1 -name '*.dist-info' 2>/dev/null | wc -l)" -lt "$(ls "$CARRY"/whl/*.whl | wc -l)" ]; then
+        for wheel in "$CARRY"/whl/*.whl; do install "$wheel"; done
+    fi
     export PYTHONPATH="$PYTHONPATH:$WORK/site"
 fi
 python3 - "$WORK/versions.json" <<'PYEOF'
@@ -107,7 +112,8 @@ if [ -z "$TEACHER_MISSING" ]; then
     echo "== short: run.py --profile $(basename "$PROFILE") in the background (deadline in $(left 45)s)"
     (
         [ -n "$TINY_DATA" ] && export TODI_DATA="$TINY_DATA"
-        exec setsid python3 experiments/dolly_smollm2/run.py --profile "$PROFILE" --out "$RUN" \
+        # a session of its own, so that the backstop below can stop run.py with every todi it started
+        exec setsid -w python3 experiments/dolly_smollm2/run.py --profile "$PROFILE" --out "$RUN" \
             --deadline "$deadline" ${TEACHER:+--teacher "$TEACHER"} >"$WORK/logs/run.log" 2>&1
     ) &
     P3=$!
@@ -145,6 +151,7 @@ if [ -n "$P3" ]; then
         wait "$P3"; rc=$?
         p3_status=$([ $rc = 0 ] && echo passed || echo "incomplete (exit $rc: see run_info.steps)")
     fi
+    kill -KILL -- -"$P3" 2>/dev/null  # nothing of it may outlive this script (a new session would)
     tail -n 30 "$WORK/logs/run.log"
     if [ -f "$RUN/run_info.json" ]; then
         python3 experiments/dolly_smollm2/report.py "$RUN" --section gpu-short --doc "$OUT/results_gpu_short.md" \

@@ -395,7 +395,7 @@ def short_section(run: Path, name: str) -> str:
         "### Did the students learn?",
         "",
         f"Cross-entropy per response token (nats, teacher forcing) on the first "
-        f"{next((m['examples'] for m in ce.values() if 'examples' in m), '?')} Dolly test answers "
+        f"{next((m['examples'] for m in ce.values() if 'examples' in m), config.get('heldout_examples', '?'))} Dolly test answers "
         "(`heldout.py`); the training CE is the mean of the last 3 logged windows.",
         "",
         "| model | held-out CE | minus teacher's | training CE | steps | best dev ROUGE-L (step) | training |",
