@@ -1,6 +1,11 @@
 """Write docs/results.md and its figures from a finished ``run.py`` folder; nothing is typed in by hand.
 
     python experiments/dolly_smollm2/report.py runs/dolly_smollm2-cpu [--doc docs/results.md]
+    python experiments/dolly_smollm2/report.py RUN --section gpu-short   # only that section of the doc
+
+With ``--section NAME`` the doc's other content stays: the section between ``<!-- section:NAME -->`` and
+``<!-- /section:NAME -->`` is replaced (appended the first time). It is written from files a run folder
+keeps without its models (see :func:`short_section`), so a run made elsewhere can be reported here.
 
 Reads OUT/eval/all/results.json (ROUGE-L per objective, data set and sampling seed), OUT/run_info.json
 and OUT/timings.json (setup, hardware, wall time), OUT/runs/todi/metrics.jsonl (ToDi's FKL share per
@@ -35,6 +40,7 @@ NAMES = {
     "akl": "AKL",
     "todi": "ToDi",
     "teacher": "Teacher (SmolLM2-135M-Instruct)",
+    "student-init": "Initial student (teacher layers, untrained)",
 }
 ANALYSIS_EXAMPLES = 64
 
@@ -88,8 +94,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="the run folder written by run.py")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md")
+    parser.add_argument("--section", default=None, help="write only this section of --doc (e.g. gpu-short)")
     args = parser.parse_args()
     run: Path = args.run.resolve()
+    if args.section:
+        write_section(args.doc, args.section, short_section(run, args.section))
+        print(f"wrote section {args.section} of {args.doc}")
+        return
     figures = args.doc.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     results = json.loads((run / "eval" / "all" / "results.json").read_text())
@@ -305,6 +316,161 @@ Over the first quarter of the logged windows the mean share was {mean_first:.3f}
 """
     args.doc.write_text(doc, encoding="utf-8")
     print(f"wrote {args.doc}")
+
+
+def write_section(doc: Path, name: str, text: str) -> None:
+    """Replace the part of ``doc`` between the section's markers with ``text`` (append it the first time)."""
+    from todi.report import write_text_atomic
+
+    begin, end = f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+    old = doc.read_text(encoding="utf-8") if doc.is_file() else ""
+    block = f"{begin}\n{text.strip()}\n{end}"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(doc, new)
+
+
+def example_scores(
+    run: Path, model: str, datasets: list[str], seeds: list[int]
+) -> dict[tuple[str, int], float]:
+    """ROUGE-L of every evaluation example for ``model``, the mean over the sampling seeds, keyed by
+    (data set, example index): every model answered the same prompts, so these pair across models."""
+    scores: dict[tuple[str, int], float] = {}
+    for dataset in datasets:
+        per_seed = []
+        for seed in seeds:
+            path = run / "eval" / model / "predictions" / model / dataset / f"seed{seed}.jsonl"
+            rows = [
+                json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
+            per_seed.append([float(r["rougeL"]) for r in rows])
+        for i, values in enumerate(zip(*per_seed, strict=True)):
+            scores[(dataset, i)] = statistics.fmean(values)
+    return scores
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def short_section(run: Path, name: str) -> str:
+    """The doc section of a short run (``gpu-short``), from files that hold no model: run_info.json (setup,
+    hardware, what finished), timings.json, heldout_ce.json, each objective's metrics.jsonl, and
+    eval/ (results.json and per-example predictions)."""
+    from todi.stats import markdown_paired_table, paired_by_key
+
+    info = json.loads((run / "run_info.json").read_text())
+    config = info["config"]
+    objectives = [o.strip() for o in config["objectives"].split(",")]
+    steps = info.get("steps", {})
+    ce = (
+        json.loads((run / "heldout_ce.json").read_text())["models"]
+        if (run / "heldout_ce.json").is_file()
+        else {}
+    )
+    results_path = run / "eval" / "all" / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    shown = run.relative_to(REPO) if run.is_relative_to(REPO) else run
+    out = [
+        f"## {name}: ToDi and the baselines on one GPU in minutes",
+        "",
+        f"Written by `python experiments/dolly_smollm2/report.py {shown} --section {name}` from the run of "
+        f"`python experiments/dolly_smollm2/run.py --profile {name}` "
+        f"(time limit {info.get('time_limit_s')} s, `benchmarks/gpu_evidence.sh`); every number is read from "
+        "that run's files.",
+        "",
+        f"- Machine: {info.get('gpu') or info.get('machine')}; torch {info.get('torch')}, Python {info.get('python')}; "
+        f"wall time {info.get('wall_s_last_invocation', 0) / 60:.1f} min.",
+        f"- Teacher SmolLM2-135M-Instruct; student = its layers {config['student_layers']}; "
+        f"{config['train_examples'] or 'all'} Dolly train examples, up to {config['epochs']} epoch(s) of batch "
+        f"{config['batch_size']}, lr {config['lr']}, (1 - {config['kd_rate']}) CE + {config['kd_rate']} KD at "
+        f"T = {config['temperature']}, teacher cache top-{config['top_k']}; best/ by dev ROUGE-L on "
+        f"{config['dev_examples']} Dolly dev examples every {config.get('eval_every') or 'epoch'} steps.",
+        f"- Evaluation: {config['eval_sets']}, first {config['eval_examples'] or 'all'} examples each, sampling "
+        f"seeds {config['eval_seeds']}, {config['max_new_tokens']} new tokens.",
+        "",
+        "### Did the students learn?",
+        "",
+        f"Cross-entropy per response token (nats, teacher forcing) on the first "
+        f"{next((m['examples'] for m in ce.values() if 'examples' in m), config.get('heldout_examples', '?'))} Dolly test answers "
+        "(`heldout.py`); the training CE is the mean of the last 3 logged windows.",
+        "",
+        "| model | held-out CE | minus teacher's | training CE | steps | best dev ROUGE-L (step) | training |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    teacher_ce = ce.get("teacher", {}).get("ce")
+    for model in ["teacher", "student-init", *objectives]:
+        entry = ce.get(model, {})
+        value = entry.get("ce")
+        cells = [NAMES.get(model, model), "—" if value is None else f"{value:.3f}"]
+        cells.append("—" if value is None or teacher_ce is None else f"{value - teacher_ce:+.3f}")
+        if model in objectives:
+            rows = _jsonl(run / "runs" / model / "metrics.jsonl")
+            train = [r for r in rows if r.get("ce") is not None and "dev_loss" not in r]
+            dev = [r for r in rows if r.get("dev_rougeL") is not None]
+            best = max(dev, key=lambda r: r["dev_rougeL"]) if dev else None
+            cells += [
+                f"{statistics.fmean(r['ce'] for r in train[-3:]):.3f}" if train else "—",
+                str(train[-1]["step"]) if train else "0",
+                f"{best['dev_rougeL']:.2f} ({best['step']})" if best else "—",
+                steps.get(f"train-{model}", {}).get("status", "not run"),
+            ]
+        else:
+            cells += ["—", "—", "—", "—"]
+        out.append("| " + " | ".join(cells) + " |")
+    missing = {m: e["missing"] for m, e in ce.items() if "missing" in e}
+    if missing:
+        out += [
+            "",
+            "Not measured: " + "; ".join(f"{NAMES.get(m, m)} ({why})" for m, why in missing.items()) + ".",
+        ]
+    out += ["", "### ROUGE-L (mean ± std over sampling seeds; one training run per objective)", ""]
+    if results is None:
+        out.append("No evaluation finished within the time limit.")
+    else:
+        datasets, seeds, models = results["datasets"], results["seeds"], results["models"]
+        order = [m for m in ["teacher", *objectives] if m in models]
+        out.append("| model | " + " | ".join(datasets) + " | average |")
+        out.append("|---|" + "---|" * (len(datasets) + 1))
+        for m in order:
+            cells = [fmt(models[m]["datasets"][d]) for d in datasets] + [fmt(models[m]["average"])]
+            out.append(f"| {NAMES.get(m, m)} | " + " | ".join(cells) + " |")
+        out += ["", "### Paired differences to ToDi", ""]
+        others = [m for m in objectives if m in models and m != "todi"]
+        if "todi" in models and others:
+            todi = example_scores(run, "todi", datasets, seeds)
+            diffs = [
+                paired_by_key(todi, example_scores(run, m, datasets, seeds), name="ToDi", reference=NAMES[m])
+                for m in others
+            ]
+            n = diffs[0].n
+            out += [
+                f"ToDi minus each objective, ROUGE-L per evaluation example (the mean over the {len(seeds)} "
+                f"sampling seeds), paired by example over all {n} examples of {', '.join(datasets)}; "
+                "95% percentile-bootstrap interval and sign test from `todi.stats`.",
+                "",
+                markdown_paired_table(diffs, digits=2),
+                "",
+                "The interval covers the variation over prompts and sampling, not over training runs (one "
+                "run per objective here), so a difference it detects may still be one training seed's luck.",
+            ]
+        else:
+            out.append("ToDi or every other objective is missing from the evaluation: nothing to pair.")
+    unfinished = {k: v for k, v in steps.items() if v.get("status") != "done"}
+    if unfinished:
+        out += [
+            "",
+            "Steps that did not finish: "
+            + "; ".join(
+                f"{k} {v['status']}" + (f" ({v['reason']})" if v.get("reason") else "")
+                for k, v in unfinished.items()
+            )
+            + ".",
+        ]
+    return "\n".join(out) + "\n"
 
 
 def _reading(mean_first: float, mean_last: float, early: torch.Tensor, late: torch.Tensor) -> str:
