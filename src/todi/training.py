@@ -1308,7 +1308,7 @@ def _step_batches(
         "teacher": teacher.model.generate if teacher.model is not None else None,
     }
     model.eval()  # the student samples as it will answer: without dropout
-    with _keep_rng(), torch.no_grad():
+    with _keep_rng(), torch.no_grad(), accelerator.autocast():
         batches = responses.for_step(
             state.global_step,
             micro_batches,
