@@ -66,6 +66,8 @@ LOCKED_ON_RESUME = (
     "lora_target",
     "model",
     "student",
+    "cross_tokenizer",
+    "uld_weight",
 )
 # Options free to change on resume: how long to train, how the run is evaluated, logged, checkpointed
 # and how the loss is computed (not what it computes). Any other change needs --resume-changed.
