@@ -538,3 +538,22 @@ def test_xtok_report_identical_and_different(pair_dir, tmp_path, capsys):
         < 1
     )
     assert "aligned pieces" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_grad_accum_two(pair_dir, tmp_path):
+    from test_training import finish, todi_process, train_records
+    from test_training import weights as load_weights
+
+    common = ["distill", "--teacher", pair_dir / "teacher", "--student", pair_dir / "student", "--data",
+              pair_dir / "train.jsonl", "--cross-tokenizer", "hybrid", "--max-steps", 2, "--log-every", 1,
+              "--save-every", 0, *tiny.TINY, "--max-length", 160, "--max-prompt-length", 100]  # fmt: skip
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "todi.cli")
+    ddp = todi_process(*common, "--out", tmp_path / "ddp", launcher=torchrun)
+    single = todi_process(*common, "--grad-accum", "2", "--out", tmp_path / "single")
+    finish(single)
+    finish(ddp)
+    a, b = load_weights(tmp_path / "ddp" / "final"), load_weights(tmp_path / "single" / "final")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    for x, y in zip(train_records(tmp_path / "ddp"), train_records(tmp_path / "single"), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["kd"] == pytest.approx(y["kd"], rel=1e-5)

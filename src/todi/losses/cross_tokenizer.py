@@ -139,7 +139,9 @@ def _sums(
     return torch.stack([ce, kd_sum, share_sum.detach()])
 
 
-def _output(sums: Tensor, num_rows: int, num_aligned: int, kd_rate: float, num_items, kd: dict) -> LossOutput:
+def _output(
+    sums: Tensor, num_rows: int, num_aligned: int, kd_rate: float, num_items: int | Tensor | None, kd: dict
+) -> LossOutput:
     denom = normaliser(torch.tensor(num_rows, device=sums.device), num_items_in_batch=num_items)
     ce, kd_sum, share = sums[0], sums[1], sums[2]
     loss = ((1.0 - kd_rate) * ce + kd_rate * kd_sum) / denom

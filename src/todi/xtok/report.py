@@ -3,8 +3,8 @@
 Figures, over the first ``--max-examples`` examples of ``--data`` encoded as ``todi distill`` encodes
 them: the share of the student's supervised positions aligned with a teacher position (pooled, and the
 10th percentile over examples); the vocabulary overlap; where ``--teacher`` has weights, the share of the
-teacher's probability on matched tokens at aligned positions (mean and 10th percentile, at T = 1 and at
-``--temperature``): what the hybrid loss's matched part sees, the rest going to ULD; and a few examples of
+teacher's probability on matched tokens at aligned positions of the first ``--mass-examples`` examples
+(mean and 10th percentile over positions, at T = 1 and at ``--temperature``): what the hybrid loss's matched part sees, the rest going to ULD; and a few examples of
 the alignment. Prints a text report; ``--json FILE`` also writes the figures.
 """
 
@@ -41,7 +41,8 @@ class Config:
     template: str = option("alpaca", "prompt template, as for todi distill")
     max_length: int = option(512, "tokens per example, as for todi distill")
     max_prompt_length: int = option(256, "prompt tokens kept, as for todi distill")
-    max_examples: int = option(200, "examples read")
+    max_examples: int = option(1000, "examples read (alignment and vocabulary figures)")
+    mass_examples: int = option(100, "of those, examples the teacher is run on (matched-mass figure)")
     temperature: float = option(2.0, "the distillation temperature for the matched-mass figure")
     batch_size: int = option(4, "examples per teacher forward pass")
     examples: int = option(2, "alignment examples shown")
@@ -54,7 +55,7 @@ class Config:
             raise UsageError(
                 f"{', '.join(missing)} required", "run 'todi xtok-report --help' for the options"
             )
-        for name in ("max_examples", "batch_size", "max_length", "max_prompt_length"):
+        for name in ("max_examples", "mass_examples", "batch_size", "max_length", "max_prompt_length"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_prompt_length >= self.max_length:
@@ -159,7 +160,8 @@ def xtok_figures(config: Config) -> tuple[dict[str, Any], str]:
     }
     if _has_weights(config.teacher):
         teacher_ids = torch.tensor(vocab_map.teacher_ids, dtype=torch.long)
-        figures["teacher_matched_mass"] = _matched_mass(config, paired, teacher_ids)
+        figures["teacher_matched_mass"] = _matched_mass(config, paired[: config.mass_examples], teacher_ids)
+        figures["mass_examples"] = min(config.mass_examples, len(paired))
     shown = [
         f"  example {i + 1}:\n{_show(student_tok, teacher_tok, s, t, pairs)}"
         for i, (s, t, pairs) in enumerate(paired[: config.examples])
