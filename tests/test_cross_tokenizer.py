@@ -361,6 +361,30 @@ def test_no_supervised_rows_gives_zero_loss_with_a_graph(gpt2, one_intra_op_thre
     assert float(out.loss.detach()) == 0.0
 
 
+def test_fused_path_never_materialises_n_by_v(gpt2, one_intra_op_thread):
+    from test_fused import LargestTensor
+
+    chars = char_tokenizer()
+    adapter, batch = paired_batch(gpt2, chars, "hybrid", examples(24, seed=6))
+    student, teacher = llama(gpt2, 16, seed=3), llama(chars, 16, seed=4)
+    rows = int((batch["labels"][:, 1:] != -100).sum())
+    vocab, chunk = len(gpt2), 8
+    loss_fn = adapter.loss_fn(
+        {"divergence": "todi", "kd_rate": 0.5}, gpt2, vocab, len(chars), chunk_size=chunk
+    )
+    bound = max(chunk * vocab, vocab * 16)  # a chunk's logits; the head weight and its gradient
+    assert 4 * bound <= rows * vocab
+    for fused in (True, False):  # the materialised path is the probe's positive control
+        student.zero_grad()
+        mode = LargestTensor()
+        with mode:
+            loss_fn(student, teacher, batch, fused=fused).loss.backward()
+        if fused:
+            assert mode.numel <= bound, (mode.numel, mode.op)
+        else:
+            assert mode.numel >= rows * vocab
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 
