@@ -291,9 +291,9 @@ def test_identical_tokenizers_hybrid_is_plain_distillation(gpt2, divergence, one
     for fused in (False, True):
         loss_fn = adapter.loss_fn(options, gpt2, len(gpt2), len(gpt2), chunk_size=7)
         out = loss_fn(student, teacher, batch, num_items_in_batch=50, fused=fused)
-        assert abs(float(out.loss.detach()) - float(plain.loss.detach())) <= 1e-6 * abs(float(plain.loss)), (
-            fused
-        )
+        assert abs(float(out.loss.detach()) - float(plain.loss.detach())) <= 1e-6 * abs(
+            float(plain.loss.detach())
+        ), fused
         assert abs(float(out.kd) - float(plain.kd)) <= 1e-6 * abs(float(plain.kd)) + 1e-9
         grads = torch.autograd.grad(out.loss, list(student.parameters()))
         for g, p in zip(grads, plain_grads):
