@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["AlignmentStats", "CrossTokenizerTeacher", "SideEncoding", "encode_side", "pair_examples"]
 
-TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_position_ids", "xtok_teacher_pos")
 
 
 @dataclass
