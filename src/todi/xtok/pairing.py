@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["AlignmentStats", "CrossTokenizerTeacher", "SideEncoding", "encode_side", "pair_examples"]
 
 
-
 @dataclass
 class SideEncoding:
     """One example under one tokenizer: its features, prompt length, response tokens and their offsets,
