@@ -442,7 +442,7 @@ def test_check_tokenizers_same_and_first_difference():
     with pytest.raises(DataError) as err:
         check_tokenizers(make_tokenizer(), make_tokenizer(words=other, eos="<eos>"))
     assert "id 2: teacher '</s>' vs student '<eos>'" in str(err.value)
-    assert "cross-tokenizer distillation is not supported" in str(err.value)
+    assert "--cross-tokenizer hybrid" in str(err.value.hint)
     with pytest.raises(
         DataError, match=r"id 20: teacher \(none\) vs student 'extra' \(teacher has 20 tokens, student 21\)"
     ):

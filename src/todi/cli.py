@@ -61,6 +61,11 @@ COMMANDS: dict[str, Command] = {
         "run the teacher once and store its top-k next-token distributions for `todi distill --teacher-cache`",
         "todi cache-teacher --teacher runs/teacher/final --data data/dolly --top-k 64 --out cache/teacher",
     ),
+    "xtok-report": Command(
+        "todi.xtok.report",
+        "before cross-tokenizer distillation: aligned positions, vocabulary overlap, teacher mass on matched tokens",
+        "todi xtok-report --teacher HuggingFaceTB/SmolLM2-135M-Instruct --student gpt2 --data data/dolly",
+    ),
     "init-student": Command(
         "todi.student_init",
         "make a smaller student from a subset of a teacher's layers (same tokenizer)",

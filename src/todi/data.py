@@ -2,8 +2,8 @@
 
 The pipeline is the one MiniLLM / DistiLLM / ToDi use for Dolly-style data, so numbers stay comparable:
 an Alpaca prompt, the response tokenised after it with EOS appended, loss only on response tokens.
-Teacher and student share one tokenisation, so only same-tokenizer distillation is supported
-(``check_tokenizers`` says so early instead of producing silently wrong losses).
+Teacher and student share one tokenisation unless ``--cross-tokenizer`` is given (``check_tokenizers``
+says so early instead of producing silently wrong losses; :mod:`todi.xtok` pairs two tokenizations).
 
 Every problem with a user's data raises :class:`DataError` naming the file, the 1-based line and the
 field, with a hint saying how to fix it, before any training starts.
@@ -1057,8 +1057,9 @@ def check_tokenizers(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
                 problem = f"same vocabulary but different tokenisation of {_PROBE!r}: {t_ids} vs {s_ids}"
     if problem:
         raise DataError(
-            f"teacher and student tokenizers differ: {problem}; cross-tokenizer distillation is not supported yet",
-            "pick a student from the teacher's model family (same tokenizer), e.g. GPT-2 XL -> GPT-2",
+            f"teacher and student tokenizers differ: {problem}; token-level distillation needs one tokenizer",
+            "pass --cross-tokenizer hybrid (or uld) to distil across tokenizers (see docs/cross_tokenizer.md), "
+            "or pick a student from the teacher's model family (same tokenizer), e.g. GPT-2 XL -> GPT-2",
         )
 
 

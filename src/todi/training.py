@@ -330,6 +330,8 @@ class TrainConfig(abc.ABC):
             "mu",
             "loss_params",
             "plugin",
+            "cross_tokenizer",
+            "uld_weight",
             "fused",
             "chunk_size",
             "compile",
@@ -384,6 +386,11 @@ class TrainConfig(abc.ABC):
 
     @property
     def teacher_cache_path(self) -> str | None:
+        return None
+
+    @property
+    def cross_tokenizer_mode(self) -> str | None:
+        """``hybrid`` / ``uld`` when the teacher scores with its own tokenizer, else None."""
         return None
 
     def loss_options(self) -> dict[str, Any]:
@@ -579,6 +586,13 @@ class DistillConfig(TrainConfig):
         None, "tokens per generated response (default: the longest response in the training data)"
     )
     save_samples: bool = option(False, "write every generated response to samples.jsonl in --out")
+    cross_tokenizer: Literal["refuse", "hybrid", "uld"] = option(
+        "refuse",
+        "a teacher whose tokenizer differs from the student's: refuse; hybrid = --loss on the tokens both "
+        "vocabularies spell the same (renormalised) + --uld-weight x ULD on the rest, at positions aligned "
+        "by text offsets; uld = ULD alone (see docs/cross_tokenizer.md)",
+    )
+    uld_weight: float = option(1.0, "--cross-tokenizer hybrid: weight of ULD on the unmatched vocabulary")
 
     command = "distill"
 
@@ -597,6 +611,10 @@ class DistillConfig(TrainConfig):
     @property
     def teacher_cache_path(self) -> str | None:
         return self.teacher_cache
+
+    @property
+    def cross_tokenizer_mode(self) -> str | None:
+        return None if self.cross_tokenizer == "refuse" else self.cross_tokenizer
 
     def inputs(self) -> dict[str, str | None]:
         return {
@@ -623,6 +641,13 @@ class DistillConfig(TrainConfig):
             out.append("give exactly one of --teacher and --teacher-cache")
         if self.cache_tail != "sampled" and not self.teacher_cache:
             out.append("--cache-tail applies to --teacher-cache")
+        if self.teacher_cache and self.cross_tokenizer != "refuse":
+            out.append(
+                "--cross-tokenizer applies to --teacher; a teacher cache under another tokenizer is not "
+                "supported yet (run the teacher beside the student)"
+            )
+        if not (math.isfinite(self.uld_weight) and self.uld_weight >= 0):
+            out.append(f"--uld-weight must be a finite number >= 0, got {self.uld_weight}")
         if self.teacher_cache and self.teacher_lora:
             out.append("--teacher-lora applies to --teacher; a cache already holds the teacher's outputs")
         if not 0.0 <= self.kd_rate <= 1.0:
@@ -665,6 +690,11 @@ class DistillConfig(TrainConfig):
             out.append(
                 "--teacher-cache cannot score new text: --lmbda > 0 and --seq-kd need the teacher model "
                 "(--teacher)"
+            )
+        if self.cross_tokenizer != "refuse" and (self.lmbda > 0 or self.seq_kd):
+            out.append(
+                "--lmbda > 0 and --seq-kd are not yet supported with --cross-tokenizer (the teacher would have "
+                "to re-encode every sampled response); use one or the other"
             )
         if self.replay_buffer < 0:
             out.append(f"--replay-buffer must be >= 0, got {self.replay_buffer}")
@@ -750,7 +780,7 @@ def _train(config: TrainConfig, accelerator: Any, folder: OutputFolder) -> Path:
     identity = run_identity(config, data.train_set)
     changes = check_resume(run_dir, config, accelerator.num_processes, identity) if config.resume else {}
     student = _setup_student(config, accelerator)
-    teacher = _setup_teacher(config, accelerator, data.tokenizer, student, cache)
+    teacher = _setup_teacher(config, accelerator, data, student, cache)
     model, optimizer, scheduler = _setup_optimizer(config, accelerator, student, teacher, data.total_steps)
     responses = _setup_responses(config, accelerator, data, policy, model)
     _take_over_run_dir(config, accelerator, folder)
@@ -900,6 +930,7 @@ class _Data:
     dev_set: list[dict]
     plan: _DataPlan
     total_steps: int
+    xtok: Any = None  # a todi.xtok.CrossTokenizerTeacher when the teacher has its own tokenizer
 
     def batch(
         self, indices: Sequence[int], device: torch.device, examples: Sequence[dict] | None = None
@@ -928,12 +959,18 @@ def _setup_data(config: TrainConfig, accelerator: Any, cache: Any) -> _Data:
     tokenizer = load_tokenizer(config.student_path, trust_remote_code=config.trust_remote_code)
     if config.teacher_path:
         teacher_tokenizer = load_tokenizer(config.teacher_path, trust_remote_code=config.trust_remote_code)
-        check_tokenizers(teacher_tokenizer, tokenizer)
+        if config.cross_tokenizer_mode is None:
+            check_tokenizers(teacher_tokenizer, tokenizer)
     # Exported as loaded: a pad token added for batching would make the exported teacher's tokenizer
     # differ from its student's (check_tokenizers compares pad ids) in the next `todi distill`.
     pristine_tokenizer = copy.deepcopy(tokenizer)
     pad_id = ensure_pad_token(tokenizer)
     train_set, dev_examples, dev_set = _load_data(config, tokenizer)
+    xtok = None
+    if config.teacher_path and config.cross_tokenizer_mode is not None:  # the teacher's side of each example
+        from todi.xtok import CrossTokenizerTeacher
+
+        xtok = CrossTokenizerTeacher.build(config, tokenizer, teacher_tokenizer, train_set, dev_set)
     if cache is not None:
         cache.check(
             tokenizer=pristine_tokenizer,
@@ -953,7 +990,11 @@ def _setup_data(config: TrainConfig, accelerator: Any, cache: Any) -> _Data:
         )
     collate = DataCollator(pad_id, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)
     total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
-    return _Data(tokenizer, pristine_tokenizer, collate, train_set, dev_examples, dev_set, plan, total_steps)
+    if xtok is not None:
+        collate = xtok.collator(collate)
+    return _Data(
+        tokenizer, pristine_tokenizer, collate, train_set, dev_examples, dev_set, plan, total_steps, xtok
+    )
 
 
 def _load_data(config: TrainConfig, tokenizer: Any) -> tuple[list[dict], list[Any], list[dict]]:
@@ -1063,6 +1104,7 @@ class _Teacher:
     model: nn.Module | None
     cache: Any  # a todi.cache.TeacherCache, or None
     vocab_size: int | None  # the vocabulary both sides share (the loss slices padded heads to it)
+    xtok_loss: Callable[..., Any] | None = None  # the objective when the teacher has its own tokenizer
     timer: _ForwardTimer | None = None  # seconds spent in the teacher model's forward passes
 
     def seconds(self) -> float:
@@ -1074,11 +1116,12 @@ class _Teacher:
 
 
 def _setup_teacher(
-    config: TrainConfig, accelerator: Any, tokenizer: Any, student: nn.Module, cache: Any
+    config: TrainConfig, accelerator: Any, data: _Data, student: nn.Module, cache: Any
 ) -> _Teacher:
     """The frozen teacher model (replicated on every rank, never in the optimizer), or the cache."""
+    tokenizer = data.tokenizer
     student_head = causal_lm(student).get_output_embeddings().weight.shape[0]
-    model, vocab_size = None, None
+    model, vocab_size, xtok_loss = None, None, None
     if config.teacher_path:
         with replicated_loading(accelerator):
             model = load_causal_lm(
@@ -1091,7 +1134,13 @@ def _setup_teacher(
         model = freeze(model).to(accelerator.device)
         from todi.data import shared_vocab_size
 
-        vocab_size = shared_vocab_size(tokenizer, student_head, model.get_output_embeddings().weight.shape[0])
+        teacher_head = model.get_output_embeddings().weight.shape[0]
+        if data.xtok is None:
+            vocab_size = shared_vocab_size(tokenizer, student_head, teacher_head)
+        else:  # the teacher scores with its own tokenizer: the adapter gives the objective
+            xtok_loss = data.xtok.loss_fn(
+                config.loss_options(), tokenizer, student_head, teacher_head, chunk_size=config.chunk_size
+            )
         if config.loss_options()["kd_rate"] == 0:
             logger.warning("--kd-rate 0: the teacher is loaded but does not contribute to the loss")
     if cache is not None:
@@ -1104,7 +1153,8 @@ def _setup_teacher(
                 f"covers {cache.vocab_size}",
                 "use a student with the teacher's tokenizer",
             )
-    return _Teacher(model, cache, vocab_size, None if model is None else _ForwardTimer(model))
+    timer = None if model is None else _ForwardTimer(model)
+    return _Teacher(model, cache, vocab_size, xtok_loss, timer)
 
 
 class _ForwardTimer:
@@ -1144,7 +1194,7 @@ def _setup_optimizer(
         vocab_size=teacher.vocab_size,
         compile=config.compile,
     )
-    model = LossModule(student, teacher.model, loss_fn)
+    model = LossModule(student, teacher.model, teacher.xtok_loss or loss_fn)
     optimizer = build_optimizer(config.optim, _param_groups(model, config.weight_decay), config.lr)
     scheduler = build_scheduler(
         config.lr_scheduler,

@@ -1,0 +1,283 @@
+"""The teacher's encoding of each example and its alignment with the student's; the adapter training uses.
+
+Each side encodes the prompt and the response exactly as :func:`todi.data.encode_examples` does with its
+own tokenizer (its own BOS/EOS rule, chat template and truncation, same lengths in its own tokens); the
+response is additionally encoded with character offsets and the two are aligned
+(:mod:`todi.xtok.alignment`). The result is stored in the student's encoded example dicts
+(``teacher_input_ids``, ``xtok_student_pos``, ``xtok_teacher_pos``), so batches, the data plan, resume
+and the data-parallel split are those of same-tokenizer training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from todi.data import (
+    DataCollator,
+    DataError,
+    Example,
+    _assemble,
+    _bos_prefix,
+    _eos_id,
+    _tokenize,
+    check_template,
+    render_prompt,
+)
+from todi.xtok.alignment import align, check_offsets, target_boundaries
+from todi.xtok.vocab import VocabMap, load_or_build_vocab_map, require_matches
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AlignmentStats", "CrossTokenizerTeacher", "SideEncoding", "encode_side", "pair_examples"]
+
+
+@dataclass
+class SideEncoding:
+    """One example under one tokenizer: its features, prompt length, response tokens and their offsets,
+    and per kept target (response tokens, then EOS when not cut) the boundary its prefix ends on."""
+
+    features: dict[str, list[int]]
+    prompt_length: int
+    response_ids: list[int]
+    offsets: list[tuple[int, int]]
+    boundaries: list[int | None]
+
+
+def encode_side(
+    examples: Sequence[Example], tokenizer: Any, *, template: str, max_prompt_length: int, max_length: int
+) -> list[SideEncoding | None]:
+    """Every example as :func:`todi.data.encode_examples` encodes it (None where it is dropped), with the
+    response's character offsets."""
+    check_template(template, tokenizer)
+    bos, eos = _bos_prefix(tokenizer, template), _eos_id(tokenizer)
+    prompts = _tokenize(tokenizer, [render_prompt(ex, template, tokenizer) for ex in examples])
+    texts = [ex.output for ex in examples]
+    responses = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    out: list[SideEncoding | None] = []
+    for prompt_ids, response_ids, offsets, text in zip(
+        prompts, responses["input_ids"], responses["offset_mapping"], texts
+    ):
+        features, _, _ = _assemble(prompt_ids, response_ids, bos, eos, max_prompt_length, max_length)
+        if features is None:
+            out.append(None)
+            continue
+        prompt_length = next(i for i, label in enumerate(features["labels"]) if label != -100)
+        kept = len(features["labels"]) - prompt_length
+        tokens = min(kept, len(response_ids))
+        boundaries = target_boundaries(offsets[:tokens], len(text), with_eos=kept > len(response_ids))
+        out.append(SideEncoding(features, prompt_length, list(response_ids), list(offsets), boundaries))
+    return out
+
+
+@dataclass
+class AlignmentStats:
+    """Counts over a data set: supervised targets per side and the aligned pairs."""
+
+    examples: int = 0
+    student_targets: int = 0
+    teacher_targets: int = 0
+    aligned: int = 0
+    per_example: list[float] = field(default_factory=list)  # aligned share of each example's student targets
+
+    def add(self, student_targets: int, teacher_targets: int, aligned: int) -> None:
+        self.examples += 1
+        self.student_targets += student_targets
+        self.teacher_targets += teacher_targets
+        self.aligned += aligned
+        self.per_example.append(aligned / max(student_targets, 1))
+
+    def summary(self) -> str:
+        return (
+            f"cross-tokenizer alignment: {self.aligned} of {self.student_targets} student positions "
+            f"({100 * self.aligned / max(self.student_targets, 1):.1f}%) aligned with one of the teacher's "
+            f"{self.teacher_targets}, over {self.examples} examples"
+        )
+
+
+def pair_examples(
+    examples: Sequence[Example],
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    *,
+    template: str,
+    max_prompt_length: int,
+    max_length: int,
+) -> tuple[list[tuple[SideEncoding, SideEncoding, list[tuple[int, int]]]], AlignmentStats]:
+    """(student encoding, teacher encoding, aligned target pairs) of every example the student keeps, in
+    the order :func:`todi.data.encode_examples` keeps them; and the alignment counts."""
+    check_offsets(student_tokenizer, "student")
+    check_offsets(teacher_tokenizer, "teacher")
+    lengths = {"template": template, "max_prompt_length": max_prompt_length, "max_length": max_length}
+    students = encode_side(examples, student_tokenizer, **lengths)
+    teachers = encode_side(examples, teacher_tokenizer, **lengths)
+    stats = AlignmentStats()
+    paired = []
+    for student, teacher in zip(students, teachers):
+        if student is None:
+            continue
+        if teacher is None:  # unreachable while max_prompt_length < max_length, kept for safety
+            raise DataError("an example's teacher prompt fills --max-length", "raise --max-length")
+        pairs = [
+            (j, k) for j, k in align(student.boundaries, teacher.boundaries) if student.prompt_length + j > 0
+        ]
+        stats.add(len(student.boundaries), len(teacher.boundaries), len(pairs))
+        paired.append((student, teacher, pairs))
+    return paired, stats
+
+
+class CrossTokenizerTeacher:
+    """Teacher scoring with another tokenizer: attaches the teacher's inputs and the alignment to the
+    student's encoded examples, collates them, and gives the objective (``--cross-tokenizer``)."""
+
+    def __init__(
+        self, mode: str, vocab_map: VocabMap | None, teacher_tokenizer: Any, uld_weight: float
+    ) -> None:
+        self.mode = mode
+        self.vocab_map = vocab_map
+        self.teacher_tokenizer = teacher_tokenizer
+        self.uld_weight = uld_weight
+        pad = teacher_tokenizer.pad_token_id
+        self.teacher_pad_id = pad if pad is not None else _eos_id(teacher_tokenizer)
+
+    @classmethod
+    def build(
+        cls,
+        config: Any,
+        student_tokenizer: Any,
+        teacher_tokenizer: Any,
+        train_set: list[dict],
+        dev_set: list[dict],
+    ) -> CrossTokenizerTeacher:
+        """For ``todi distill --cross-tokenizer``: the vocabulary map (hybrid) and the teacher's side of
+        every training and dev example, stored in ``train_set`` / ``dev_set`` (encoded by the caller)."""
+        from todi.data import load_examples
+
+        check_offsets(student_tokenizer, "student")
+        check_offsets(teacher_tokenizer, "teacher")
+        vocab_map = None
+        if config.cross_tokenizer == "hybrid":
+            vocab_map = load_or_build_vocab_map(student_tokenizer, teacher_tokenizer)
+            require_matches(vocab_map, config.student, config.teacher)
+            logger.info(
+                "cross-tokenizer vocabulary: %d matched tokens (%.1f%% of the student's %d, %.1f%% of the "
+                "teacher's %d)",
+                len(vocab_map),
+                100 * len(vocab_map) / vocab_map.student_size,
+                vocab_map.student_size,
+                100 * len(vocab_map) / vocab_map.teacher_size,
+                vocab_map.teacher_size,
+            )
+        adapter = cls(config.cross_tokenizer, vocab_map, teacher_tokenizer, config.uld_weight)
+        lengths = {
+            "template": config.template,
+            "max_prompt_length": config.max_prompt_length,
+            "max_length": config.max_length,
+        }
+        sets = [("train", config.data, config.max_examples, train_set)]
+        if config.dev:
+            sets.append(("dev", config.dev, config.dev_max_examples, dev_set))
+        for split, source, limit, encoded in sets:
+            examples = load_examples(source, split, max_examples=limit)
+            stats = adapter.attach(examples, student_tokenizer, encoded, **lengths)
+            logger.info("%s (%s)", stats.summary(), split)
+        return adapter
+
+    def attach(
+        self, examples: Sequence[Example], student_tokenizer: Any, encoded: list[dict], **lengths: Any
+    ) -> AlignmentStats:
+        """Store the teacher's input ids and the aligned positions (after the shift) in ``encoded``, the
+        student's encoding of ``examples``."""
+        paired, stats = pair_examples(examples, student_tokenizer, self.teacher_tokenizer, **lengths)
+        if len(paired) != len(encoded):
+            raise DataError(
+                f"the student's encoding kept {len(encoded)} examples, the cross-tokenizer pairing {len(paired)}",
+                "report this as a bug in todi",
+            )
+        for features, (student, teacher, pairs) in zip(encoded, paired):
+            if features["input_ids"] != student.features["input_ids"]:
+                raise DataError(
+                    "the student's tokens differ between two encodings of the same example",
+                    "report this as a bug in todi (its tokenizer may not be deterministic)",
+                )
+            features["teacher_input_ids"] = teacher.features["input_ids"]
+            features["xtok_student_pos"] = [student.prompt_length + j - 1 for j, _ in pairs]
+            features["xtok_teacher_pos"] = [teacher.prompt_length + k - 1 for _, k in pairs]
+        return stats
+
+    def collator(self, student_collate: DataCollator) -> Callable[[list[dict]], dict[str, Tensor]]:
+        """The student's collator, plus the teacher's padded inputs and ``xtok_teacher_pos``."""
+        teacher_collate = DataCollator(
+            self.teacher_pad_id, pad_to_multiple_of=student_collate.pad_to_multiple_of
+        )
+        return _PairedCollator(student_collate, teacher_collate)
+
+    def loss_fn(
+        self,
+        options: dict[str, Any],
+        student_tokenizer: Any,
+        student_head: int,
+        teacher_head: int,
+        *,
+        chunk_size: int | None = None,
+    ) -> Callable[..., Any]:
+        """The objective, called as ``loss_fn(student, teacher, batch, num_items_in_batch=..., fused=...)``
+        (see :class:`todi.training.LossModule`); each side uses the first ``len(tokenizer)`` logits of its
+        head (heads may be padded beyond their tokenizers)."""
+        from todi.data import shared_vocab_size
+        from todi.losses.cross_tokenizer import MatchedVocab, causal_lm_cross_tokenizer_loss
+
+        if self.mode == "uld" and options.get("divergence") not in (None, "todi"):
+            logger.warning(
+                "--cross-tokenizer uld uses ULD alone; --loss %s is not used", options["divergence"]
+            )
+        student_vocab = shared_vocab_size(student_tokenizer, student_head)
+        teacher_vocab = shared_vocab_size(self.teacher_tokenizer, teacher_head)
+        vocab_map = self.vocab_map
+        on_device: dict[torch.device, MatchedVocab] = {}
+
+        def loss_fn(student: Any, teacher: Any, batch: dict[str, Tensor], **call: Any) -> Any:
+            device = batch["input_ids"].device
+            vocab = None
+            if vocab_map is not None:
+                if device not in on_device:
+                    on_device[device] = MatchedVocab.from_ids(
+                        vocab_map.student_ids, vocab_map.teacher_ids, student_vocab, teacher_vocab, device
+                    )
+                vocab = on_device[device]
+            return causal_lm_cross_tokenizer_loss(
+                student,
+                teacher,
+                batch,
+                student_vocab=student_vocab,
+                teacher_vocab=teacher_vocab,
+                chunk_size=chunk_size,
+                mode=self.mode,
+                vocab=vocab,
+                uld_weight=self.uld_weight,
+                **{**options, **call},
+            )
+
+        return loss_fn
+
+
+class _PairedCollator:
+    def __init__(self, student: DataCollator, teacher: DataCollator) -> None:
+        self.student, self.teacher = student, teacher
+
+    def __call__(self, features: list[dict]) -> dict[str, Tensor]:
+        batch = self.student(features)
+        teacher = self.teacher([{"input_ids": f["teacher_input_ids"]} for f in features])
+        positions = torch.full((len(features), batch["input_ids"].shape[1] - 1), -1, dtype=torch.long)
+        for row, f in enumerate(features):
+            positions[row, f["xtok_student_pos"]] = torch.tensor(f["xtok_teacher_pos"], dtype=torch.long)
+        batch["teacher_input_ids"] = teacher["input_ids"]
+        batch["teacher_attention_mask"] = teacher["attention_mask"]
+        batch["teacher_position_ids"] = teacher["position_ids"]
+        batch["xtok_teacher_pos"] = positions
+        return batch
