@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest judge reply")
     parser.add_argument("--batch-size", type=int, default=8, help="local judge batch")
     parser.add_argument("--no-reference", action="store_true", help="do not show the judge the reference")
+    parser.add_argument("--prompt", help="judge prompt file (default: todi's MT-bench-style prompt)")
     parser.add_argument("--out", required=True, help="working folder: eval/ and judge/ go here")
     parser.add_argument("--json", help="also write the summary to this file")
     args = parser.parse_args()
@@ -129,7 +130,8 @@ def main() -> None:
     _todi(
         "judge", "--a", out / "eval" / "predictions" / args.a, "--b", out / "eval" / "predictions" / args.b,
         *judge, "--max-new-tokens", args.max_new_tokens, "--batch-size", args.batch_size,
-        *(["--no-reference"] if args.no_reference else []), "--out", out / "judge",
+        *(["--no-reference"] if args.no_reference else []), *(["--prompt", args.prompt] if args.prompt else []),
+        "--out", out / "judge",
     )  # fmt: skip
     (dataset,) = resolve_datasets(str(demo_dir / "data" / "test.jsonl"))  # the name todi eval gave it
     cells = [out / "eval" / "predictions" / name / dataset / f"seed{seed}.jsonl" for name in (args.a, args.b)]
@@ -141,6 +143,7 @@ def main() -> None:
         "limit": args.limit,
         "max_new_tokens": args.max_new_tokens,
         "reference": not args.no_reference,
+        "prompt": args.prompt or "todi/prompts/judge_pairwise.txt",
         **agreement(out / "judge", *cells),
     }
     text = json.dumps(summary, indent=2)

@@ -48,7 +48,7 @@ from typing import Any
 
 from todi.errors import TodiError, UsageError
 from todi.options import option
-from todi.outputs import OutputFolder
+from todi.outputs import OutputFolder, read_json
 from todi.report import write_text_atomic
 from todi.stats import bootstrap_mean_ci
 
@@ -958,8 +958,13 @@ def _check_resume(folder: Path, settings: Mapping[str, Any]) -> None:
     path = folder / SETTINGS_NAME
     if not path.exists() or not (folder / JUDGMENTS_NAME).exists():
         return
-    earlier = json.loads(path.read_text(encoding="utf-8"))
-    changed = [name for name, get in _LOCKED.items() if get(earlier) != get(settings)]
+    earlier = read_json(path)
+    try:
+        changed = [name for name, get in _LOCKED.items() if get(earlier) != get(settings)]
+    except (KeyError, TypeError):
+        raise UsageError(
+            f"{path} is not a judge settings file this todi can read", "--overwrite to judge afresh"
+        ) from None
     if changed:
         raise UsageError(
             f"{folder} holds verdicts made with another {', '.join(changed)}",
