@@ -105,7 +105,10 @@ def main() -> None:
     parser.add_argument("--judge", help="local judge: model folder, GGUF file or Hub id")
     parser.add_argument("--judge-url", help="OpenAI-compatible server's base URL")
     parser.add_argument("--judge-model", help="model name on the server")
-    parser.add_argument("--limit", type=int, default=50, help="judge the first N test examples")
+    parser.add_argument(
+        "--limit", type=int, default=50, help="evaluate (and judge) the first N test examples"
+    )
+    parser.add_argument("--judge-limit", type=int, help="judge only the first K of them (default: all N)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest judge reply")
     parser.add_argument("--batch-size", type=int, default=8, help="local judge batch")
     parser.add_argument("--no-reference", action="store_true", help="do not show the judge the reference")
@@ -130,6 +133,7 @@ def main() -> None:
     _todi(
         "judge", "--a", out / "eval" / "predictions" / args.a, "--b", out / "eval" / "predictions" / args.b,
         *judge, "--max-new-tokens", args.max_new_tokens, "--batch-size", args.batch_size,
+        "--limit", args.judge_limit or args.limit,
         *(["--no-reference"] if args.no_reference else []), *(["--prompt", args.prompt] if args.prompt else []),
         "--out", out / "judge",
     )  # fmt: skip
@@ -140,7 +144,7 @@ def main() -> None:
         "a": args.a,
         "b": args.b,
         "judge": args.judge or f"{args.judge_url} {args.judge_model}",
-        "limit": args.limit,
+        "limit": args.judge_limit or args.limit,
         "max_new_tokens": args.max_new_tokens,
         "reference": not args.no_reference,
         "prompt": args.prompt or "todi/prompts/judge_pairwise.txt",

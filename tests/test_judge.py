@@ -244,6 +244,18 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(gpt2):
     assert tokenizer.decode(encode_judge_prompt(tokenizer, item)) == "<user>SYS\n\nUSER"
 
 
+def test_retry_after_header_in_seconds_or_as_a_date():
+    import email.utils
+
+    from todi.judge import _retry_after
+
+    assert _retry_after("5") == 5.0 and _retry_after("0") == 0.0
+    assert _retry_after(None) is None and _retry_after("soon") is None
+    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: go now
+    in_30s = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 27.0 <= _retry_after(in_30s) <= 30.0
+
+
 def test_verdict_log_drops_an_unfinished_last_line_and_refuses_a_broken_one(tmp_path):
     path = tmp_path / "judgments.jsonl"
     record = {"dataset": "d", "seed": 1, "index": 0, "order": "AB", "winner": "a"}
@@ -562,6 +574,7 @@ def test_http_judge_retries_429_500_drops_and_timeouts(tmp_path, server_factory,
     assert json.loads((out / "judge.json").read_text())["key_env"] == "TODI_TEST_JUDGE_KEY"
 
 
+@pytest.mark.slow  # a subprocess start (imports) and a kill: ~20 s on 2 busy cores
 def test_http_judge_resumes_after_a_kill(tmp_path, server_factory, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-default-variable")
     server = server_factory(delay=0.2)
