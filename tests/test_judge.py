@@ -613,3 +613,20 @@ def test_http_client_errors_are_not_retried(tmp_path, server_factory, capsys, mo
     )
     assert_one_line_error(capsys, "answered HTTP 401")
     assert len(server.log) <= 2  # no retries; one more may have started before the first failed
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "give exactly one judge"),
+        ({"judge": "m", "judge_url": "http://x/v1", "judge_model": "m"}, "give exactly one judge"),
+        ({"judge_url": "http://x/v1"}, "--judge-url needs --judge-model"),
+        ({"judge_url": "localhost:8000", "judge_model": "m"}, "is not an http(s) URL"),
+        ({"judge": "m", "limit": 0}, "--limit must be at least 1"),
+    ],
+)
+def test_judge_options_are_checked_when_built(options, message):
+    from todi.judge import Config
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        Config(a="x", b="y", out="z", **options)
