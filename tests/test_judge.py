@@ -194,6 +194,9 @@ def check_hand_results(out: Path) -> None:
         ("[[A]] ... so my final verdict: [[A]]", "A"),
         ('"[[A]]" if A is better, "[[B]]" if B is better', None),  # an echoed format line is not a verdict
         ("A is better", None),
+        ("[A] if assistant A's answer is better, [[C]] if assistant", None),  # an echo cut short
+        ("[[B]] if banana is better", None),
+        ("My verdict: [[B]]. If you disagree, ask again.", "B"),
         ("[A]", None),
         ("[[a]]", None),
         ("", None),
@@ -630,3 +633,18 @@ def test_judge_options_are_checked_when_built(options, message):
 
     with pytest.raises(UsageError, match=re.escape(message)):
         Config(a="x", b="y", out="z", **options)
+
+
+def test_results_follow_the_stored_replies_not_the_stored_labels(tmp_path, judge_model, scripted):
+    """Verdicts are parsed again from each stored reply on every run, so a parser fix applies to old
+    judgments: labels tampered with on disk change nothing."""
+    calls, _ = scripted
+    a, b = eval_pair(tmp_path)
+    out = tmp_path / "judged"
+    assert tiny.run_todi(*judge_args(a, b, out, "--judge", judge_model)) == 0
+    path = out / "judgments.jsonl"
+    path.write_text("".join(json.dumps({**r, "label": "A", "winner": "a"}) + "\n" for r in lines(path)))
+    calls.clear()
+    assert tiny.run_todi(*judge_args(a, b, out, "--judge", judge_model)) == 0
+    assert calls == []
+    check_hand_results(out)

@@ -62,7 +62,8 @@ RESULTS_PNG = "win_rate.png"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 ORDERS = ("AB", "BA")  # which model's answer is shown as Assistant A
 OVERALL = "overall"
-_TAG = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+# A tag followed by "if" is the format line echoed back ('"[[A]]" if assistant A is better'), not a verdict.
+_TAG = re.compile(r"\[\[\s*([ABC])\s*\]\](?![\"'”]?\s+if\b)")
 _PLACEHOLDERS = ("instruction", "input", "reference", "answer_a", "answer_b")
 _SERVER_HINT = (
     "is the server running? pass its base URL, e.g. --judge-url http://localhost:8000/v1 "
@@ -141,7 +142,8 @@ def _fill(template: str, values: Mapping[str, str]) -> str:
 
 
 def parse_verdict(text: str) -> str | None:
-    """``A``, ``B`` or ``C`` when the reply holds exactly one kind of ``[[X]]`` tag; else None."""
+    """``A``, ``B`` or ``C`` when the reply holds exactly one kind of ``[[X]]`` tag (not counting tags
+    followed by "if", an echo of the format line); else None."""
     tags = set(_TAG.findall(text))
     return tags.pop() if len(tags) == 1 else None
 
@@ -416,8 +418,12 @@ class VerdictLog:
             file.write(line)  # one write per line: a kill leaves at most one unfinished line
 
 
-def verdict_record(item: Item, output: str) -> dict[str, Any]:
+def _parsed(output: str, order: str) -> dict[str, str | None]:
     label = parse_verdict(output)
+    return {"label": label, "winner": winner(label, order)}
+
+
+def verdict_record(item: Item, output: str) -> dict[str, Any]:
     dataset, seed, index, order = item.key
     return {
         "dataset": dataset,
@@ -425,8 +431,7 @@ def verdict_record(item: Item, output: str) -> dict[str, Any]:
         "index": index,
         "order": order,
         "shown": item.digest,
-        "label": label,
-        "winner": winner(label, order),
+        **_parsed(output, order),
         "output": output,
     }
 
@@ -1011,7 +1016,8 @@ def run(config: Config) -> None:
         folder.replace_old()
         write_text_atomic(out / SETTINGS_NAME, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
         verdicts = VerdictLog(out / JUDGMENTS_NAME)
-        records = verdicts.load()
+        # Verdicts are parsed again from the judge's stored replies, so results always follow this parser.
+        records = {k: {**r, **_parsed(r.get("output", ""), k[3])} for k, r in verdicts.load().items()}
         todo = _known(records, items, verdicts.path)
         log.info(
             "%d examples x %d seed(s) x 2 orders = %d verdicts; %d already in %s",
