@@ -24,7 +24,7 @@ from pathlib import Path
 
 from todi import demo, demo_tasks
 from todi.evaluation import resolve_datasets
-from todi.judge import ORDERS, outcome
+from todi.judge import ORDERS, outcome, parse_verdict, winner
 
 
 def _todi(*args: object) -> None:
@@ -38,7 +38,11 @@ def _rows(path: Path) -> list[dict]:
 def agreement(judged: Path, a_cell: Path, b_cell: Path) -> dict:
     """Judge outcomes against exact match, over the examples where exactly one side is correct."""
     a_rows, b_rows = _rows(a_cell), _rows(b_cell)
-    verdicts = {(r["index"], r["order"]): r["winner"] for r in _rows(judged / "judgments.jsonl")}
+    # Parsed from the stored replies, as todi judge's results are.
+    verdicts = {
+        (r["index"], r["order"]): winner(parse_verdict(r["output"]), r["order"])
+        for r in _rows(judged / "judgments.jsonl")
+    }
     results = json.loads((judged / "results.json").read_text(encoding="utf-8"))
     per_example, per_verdict = Counter(), Counter()
     correct = Counter()
