@@ -466,8 +466,8 @@ class LocalJudge:
         )
         prompts = [encode_judge_prompt(tokenizer, item) for item in items]
         eos_ids = _eos_ids(model, tokenizer)
-        kwargs = GenerationSettings(max_new_tokens=c.max_new_tokens, do_sample=False, no_repeat_ngram_size=0)
-        kwargs_dict = kwargs.generate_kwargs() | {
+        greedy = GenerationSettings(max_new_tokens=c.max_new_tokens, do_sample=False, no_repeat_ngram_size=0)
+        kwargs = greedy.generate_kwargs() | {
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": eos_ids or None,
             "use_cache": True,
@@ -478,7 +478,7 @@ class LocalJudge:
         with _bar(len(items), "judge") as bar, torch.inference_mode():
             for start in range(0, len(order), c.batch_size):
                 rows = order[start : start + c.batch_size]
-                texts, _ = complete_batch(model, tokenizer, [prompts[i] for i in rows], kwargs_dict, eos)
+                texts, _ = complete_batch(model, tokenizer, [prompts[i] for i in rows], kwargs, eos)
                 for i, text in zip(rows, texts):
                     emit(items[i], text)
                 bar.update(len(rows))
