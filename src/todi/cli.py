@@ -42,6 +42,11 @@ COMMANDS: dict[str, Command] = {
         "sample answers and score ROUGE-L on instruction-following test sets",
         "todi eval --model out/student/final --data dolly,self-inst,vicuna --seeds 10,20,30 --out eval/",
     ),
+    "judge": Command(
+        "todi.judge",
+        "compare two models' eval predictions pairwise with an LLM judge (local or OpenAI-compatible server)",
+        "todi judge --a eval/todi --b eval/sft --judge HuggingFaceTB/SmolLM2-1.7B-Instruct --out judge/todi-vs-sft",
+    ),
     "sft": Command(
         "todi.training",
         "fine-tune a model (the teacher) on instruction data",

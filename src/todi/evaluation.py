@@ -164,6 +164,24 @@ def left_pad(
     return input_ids.to(device), attention_mask.to(device)
 
 
+def complete_batch(
+    model: Any, tokenizer: Any, prompts: Sequence[list[int]], kwargs: dict[str, Any], eos: torch.Tensor
+) -> tuple[list[str], int]:
+    """One left-padded ``generate`` call continuing each prompt (token ids): each row's text up to its first
+    EOS id in ``eos``, stripped, and the number of new tokens. ``kwargs`` go to ``generate`` (pad id
+    included); the caller holds the RNG and inference mode."""
+    input_ids, attention_mask = left_pad(prompts, kwargs["pad_token_id"], _model_device(model))
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    new = output[:, input_ids.shape[1] :]
+    # An answer ends at its first EOS (inclusive); what follows is padding of finished rows.
+    is_eos = torch.isin(new, eos)
+    lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1]).tolist()
+    texts = tokenizer.batch_decode(
+        [ids[:n] for ids, n in zip(new.tolist(), lengths)], skip_special_tokens=True
+    )
+    return [text.strip() for text in texts], sum(lengths)
+
+
 @contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed the sampler without disturbing the caller's RNG streams (a training loop's shuffling)."""
@@ -218,19 +236,11 @@ def _sample(
         with _seeded(seed, device), torch.inference_mode():
             for start in range(0, len(order), settings.batch_size):
                 rows = order[start : start + settings.batch_size]
-                input_ids, attention_mask = left_pad([prompts[i] for i in rows], pad_id, device)
-                output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-                new = output[:, input_ids.shape[1] :]
-                # An answer ends at its first EOS (inclusive); what follows is padding of finished rows.
-                is_eos = torch.isin(new, eos)
-                lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1]).tolist()
-                texts = tokenizer.batch_decode(
-                    [ids[:n] for ids, n in zip(new.tolist(), lengths)], skip_special_tokens=True
-                )
+                texts, new_tokens = complete_batch(model, tokenizer, [prompts[i] for i in rows], kwargs, eos)
                 for i, text in zip(rows, texts):
-                    answers[i] = text.strip()
+                    answers[i] = text
                 if on_batch:
-                    on_batch(len(rows), sum(lengths))
+                    on_batch(len(rows), new_tokens)
     finally:
         model.train(was_training)
     return answers

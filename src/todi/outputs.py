@@ -1,7 +1,7 @@
 """Output folders todi owns: a marker, an exclusive lock, and an ``--overwrite`` that cannot delete your data.
 
 Every command that writes a folder (``sft``, ``distill``, ``cache-teacher``, ``init-student``, ``eval``,
-``demo``) goes through :class:`OutputFolder`:
+``judge``, ``demo``) goes through :class:`OutputFolder`:
 
 * **Marker.** ``.todi-output.json`` names the command and a run id. ``--overwrite`` replaces only a
   folder whose marker names a command of the same kind (a training run by a training run, a cache by a
@@ -57,6 +57,7 @@ _KIND = {
     "cache-teacher": "teacher cache",
     "init-student": "student",
     "eval": "evaluation",
+    "judge": "judgment",
     "demo": "demo",
 }
 
