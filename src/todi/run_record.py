@@ -92,6 +92,7 @@ FREE_ON_RESUME = frozenset(
         "fused",
         "chunk_size",
         "compile",
+        "loss_backend",
     }
 )
 

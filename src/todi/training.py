@@ -192,6 +192,11 @@ class TrainConfig(abc.ABC):
     compile: bool | None = option(
         None, "torch.compile the fused loss's chunk math (default: when a batch has several full chunks)"
     )
+    loss_backend: Literal["auto", "triton", "torch"] = option(
+        "auto",
+        "the fused loss's chunk math: triton (one GPU kernel; not akl or --teacher-cache), torch, or auto = "
+        "triton on CUDA where it serves the loss",
+    )
     trust_remote_code: bool = option(False, "allow models whose code comes with their checkpoint")
     # LoRA
     lora_r: int = option(0, "LoRA rank of the trained model; 0 = train all weights")
@@ -423,6 +428,9 @@ class DistillConfig(TrainConfig):
                 get_divergence(self.loss).resolve(self.divergence_params())
             except ValueError as err:
                 out.append(f"--loss {self.loss}: {err}")
+        if self.loss_backend == "triton" and (self.loss == "akl" or self.teacher_cache):
+            what = "--teacher-cache" if self.teacher_cache else "--loss akl"
+            out.append(f"--loss-backend triton does not serve {what}; use --loss-backend auto or torch")
         return out + super().problems()
 
 
@@ -777,6 +785,7 @@ def _setup_optimizer(
         chunk_size=config.chunk_size,
         vocab_size=teacher.vocab_size,
         compile=config.compile,
+        backend=config.loss_backend,
     )
     model = LossModule(student, teacher.model, loss_fn)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
