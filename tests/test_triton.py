@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -353,3 +354,65 @@ def test_loss_backend_option(tmp_path):
     assert "loss_backend" in FREE_ON_RESUME  # how the loss is computed, not what it computes
     with pytest.raises(UsageError, match="--loss-backend triton does not serve --teacher-cache"):
         DistillConfig(teacher_cache="c", student="s", data="d", out="o", loss_backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the compiled kernel, without a GPU: Triton's compiler targets sm_90 (H100 / H200) from any machine
+# ----------------------------------------------------------------------------------------------------------
+
+_COMPILE_SCRIPT = """
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from todi.losses import triton_kernel, triton_loss
+
+codes = [0, *triton_loss.KERNEL_DIVERGENCES.values()]
+assert [int(c) for c in (triton_kernel.CE_ONLY, triton_kernel.FKL, triton_kernel.RKL, triton_kernel.JS,
+        triton_kernel.TVD, triton_kernel.SKL, triton_kernel.SRKL, triton_kernel.TODI)] == list(range(8))
+names = ["z_ptr", "t_ptr", "target_ptr", "scale_ptr", "out_ptr", "n_rows", "vocab", "z_stride", "t_stride",
+         "kd_rate", "inv_t", "beta", "log_w_teacher", "log_w_student"]
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+usage = {}
+for code, dtype, need_grad in [(c, "bf16", True) for c in codes] + [(7, "fp32", False)]:
+    types = [f"*{dtype}", f"*{dtype}", "*i64", "*fp32", "*fp32", "i32", "i32", "i32", "i32"] + ["fp32"] * 5
+    signature = {**dict(zip(names, types)), "DIV": "constexpr", "NEED_GRAD": "constexpr", "BLOCK": "constexpr"}
+    constexprs = {"DIV": code, "NEED_GRAD": need_grad, "BLOCK": triton_loss._BLOCK}
+    kernel = triton.compile(ASTSource(triton_kernel.distill_rows, signature, constexprs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": triton_loss._NUM_WARPS})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        if os.path.exists(cuobjdump):
+            out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True)
+            usage[f"{code}-{dtype}-{need_grad}"] = [l.strip() for l in out.stdout.splitlines() if "REG:" in l]
+print(json.dumps(usage))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_kernel_compiles_for_sm90_without_spilling(tmp_path):
+    """Every divergence's kernel (bf16, with gradients) and one float32 variant go through Triton's whole
+    compiler to an sm_90 cubin (the interpreter accepts code the compiler refuses, e.g. non-constexpr
+    globals), in a fresh process without TRITON_INTERPRET; none spills registers to local memory."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = str(Path(backend_mod.__file__).parents[2])
+    env.update(PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]), TRITON_CACHE_DIR=str(tmp_path))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    usage = json.loads(proc.stdout.strip().splitlines()[-1])
+    for variant, lines in usage.items():
+        assert lines and all("LOCAL:0" in line for line in lines), (variant, lines)

@@ -20,8 +20,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Divergence codes of the DIV constexpr (0: CE only, no teacher).
-CE_ONLY, FKL, RKL, JS, TVD, SKL, SRKL, TODI = range(8)
+# Divergence codes of the DIV constexpr (0: CE only, no teacher), as triton_loss.KERNEL_DIVERGENCES numbers
+# them; globals a kernel reads must be constexpr objects.
+CE_ONLY, FKL, RKL, JS, TVD, SKL, SRKL, TODI = (tl.constexpr(code) for code in range(8))
 
 
 @triton.jit

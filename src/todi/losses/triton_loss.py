@@ -120,6 +120,9 @@ def run_chunk(
     out = torch.empty(3, rows, dtype=torch.float32, device=student_logits.device)
     if rows == 0:
         return out[0], out[1], out[2]
+    for block_ in (student_logits, teacher_logits):
+        if block_ is not None and block_.stride(-1) != 1:  # the kernel walks a row with unit steps
+            raise ValueError(f"the row kernel needs rows of unit stride; got strides {block_.stride()}")
     code = 0 if teacher_logits is None else KERNEL_DIVERGENCES[divergence]
     skew = params.get("skew", 0.0)
     # skl mixes skew p + (1 - skew) q; srkl (1 - skew) p + skew q
