@@ -283,6 +283,46 @@ def test_fused_triton_without_supervised_rows_and_without_grad(interpreter):
     assert_rel(out.loss, ref.loss, RTOL, "loss without grad")
 
 
+@pytest.mark.slow
+@needs_interpreter
+def test_causal_lm_takes_the_backend(interpreter, monkeypatch):
+    """causal_lm_distillation_loss(backend="triton") on a tiny Llama pair (heads of 101 rows sliced to 97)
+    against the materialised loss of float64 copies of the models."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    from tiny import llama_config
+    from todi.losses import causal_lm_distillation_loss
+
+    monkeypatch.setattr(backend_mod, "_BLOCK", 64)  # 2 tiles of the 97 entries: a shorter interpreter run
+    models = []
+    for hidden, seed in ((32, 1), (48, 2)):
+        torch.manual_seed(seed)
+        models.append(LlamaForCausalLM(llama_config(101, hidden, max_positions=32)).eval())
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(3, 97, (2, 9), generator=g),
+        "attention_mask": torch.ones(2, 9).long(),
+    }
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][:, :3] = IGNORE
+    kwargs = dict(divergence="todi", kd_rate=0.5, temperature=2.0, vocab_size=97)
+
+    ref_models = [copy.deepcopy(m).double() for m in models]
+    ref = causal_lm_distillation_loss(*ref_models, batch, fused=False, **kwargs)
+    ref.loss.backward()
+    out = causal_lm_distillation_loss(*models, batch, backend="triton", **kwargs)
+    out.loss.backward()
+    assert out.num_tokens == ref.num_tokens == 12
+    assert_rel(out.loss, ref.loss, RTOL, "loss")
+    assert_rel(out.todi_weight, ref.todi_weight, RTOL, "todi_weight")
+    for name in ("lm_head.weight", "model.norm.weight", "model.layers.0.mlp.up_proj.weight"):
+        grad = dict(models[0].named_parameters())[name].grad
+        assert_rel(grad, dict(ref_models[0].named_parameters())[name].grad, 1e-4, name)
+    assert all(p.grad is None for p in models[1].parameters())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # choosing the backend (no kernel runs)
 # ----------------------------------------------------------------------------------------------------------
