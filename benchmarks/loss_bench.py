@@ -3,13 +3,21 @@
 Cases (float32 on the CPU by default; --device cuda, --dtype bfloat16), each measured in a fresh subprocess
 so that peak memory is its own:
   naive-todi   materialised [N, V] logits for both models, then ToDi + CE as the ToDi authors' code does
-  fused-todi   todi.losses.fused_linear_distillation_loss(divergence="todi")
-  fused-fkl    the same with divergence="fkl"
+  fused-todi   todi.losses.fused_linear_distillation_loss(divergence="todi", backend="torch")
+  fused-fkl    the same with divergence="fkl" (any registered divergence: fused-<name>)
+  triton-todi  the same with backend="triton": the Triton row kernel (CUDA only; also triton-fkl, -js, ...)
   liger-fkl    Liger-Kernel's chunked LigerFusedLinearJSDLoss with beta=0 (forward KL), the peer
                (compiled=False on the CPU; its default compiled path on CUDA; recorded as skipped when
-               liger_kernel cannot be imported)
+               liger_kernel cannot be imported); liger-rkl: beta=1, liger-js: beta=0.5
   floor        only the four matrix products the loss cannot avoid: student and teacher logits,
                grad of the hidden states and grad of the head weight
+Defaults: on the CPU the first five cases above at the SmolLM2 and GPT-2 shapes; on CUDA floor, liger-fkl,
+fused-fkl, fused-todi, triton-fkl, triton-todi at the SmolLM2 and Llama-3 shapes.
+
+--errors: after the timed runs, the gradients of the last run against float64 (the materialised objective,
+todi.losses.distillation_loss, on the same bf16 / float32 inputs upcast, in chunks of 1024 rows):
+max |g - g64| / max |g64| and the norm-relative error, for dX (hidden states) and dW (head weight); only
+where N <= --errors-max-n (the float64 reference is slow and large).
 
 Time: median of --repeats runs after --warmup runs. Peak memory: on the CPU the process's peak resident
 set size above the resident size just after the inputs were built (ru_maxrss, kB -> MiB); on CUDA
@@ -37,10 +45,16 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {"smollm2": (576, 49152), "gpt2": (768, 50257)}
+SHAPES = {"smollm2": (576, 49152), "gpt2": (768, 50257), "llama3": (4096, 128256)}
 CASES = ("naive-todi", "fused-todi", "fused-fkl", "liger-fkl", "floor")
+DEFAULT_CASES = {
+    "cpu": ",".join(CASES),
+    "cuda": "floor,liger-fkl,fused-fkl,fused-todi,triton-fkl,triton-todi",
+}
+LIGER_BETA = {"fkl": 0.0, "rkl": 1.0, "js": 0.5}  # LigerFusedLinearJSDLoss's beta for our divergences
 KD_RATE, TEMPERATURE = 0.5, 2.0
 DEFAULT_SIZES = {"cpu": "1024,4096", "cuda": "4096,16384"}
+DEFAULT_SHAPES = {"cpu": "smollm2,gpt2", "cuda": "smollm2,llama3"}
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_OUT = {"cpu": "loss_bench.json", "cuda": "loss_bench_cuda_{dtype}.json"}  # under RESULTS
 
@@ -74,6 +88,51 @@ def _naive_todi(hs, ws, ht, wt, labels):
     return loss
 
 
+def _case_divergence(case: str) -> str | None:
+    """The divergence a case's loss computes (None for the floor)."""
+    return None if case == "floor" else case.split("-", 1)[1]
+
+
+def _reference_grads(hs, ws, ht, wt, labels, divergence: str, rows_per_chunk: int = 1024):
+    """float64 dX and dW of the objective (materialised per chunk of rows, normalised by all supervised rows)."""
+    import torch
+
+    from todi.losses import distillation_loss
+
+    w64 = ws.detach().double().requires_grad_()
+    wt64 = wt.detach().double()
+    grad_x = torch.zeros_like(hs, dtype=torch.float64)
+    tokens = labels.ne(-100).sum()
+    for start in range(0, hs.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        h64 = hs[rows].detach().double().requires_grad_()
+        with torch.no_grad():
+            teacher = ht[rows].double() @ wt64.t()
+        out = distillation_loss(
+            h64 @ w64.t(),
+            teacher,
+            labels[rows],
+            divergence=divergence,
+            kd_rate=KD_RATE,
+            temperature=TEMPERATURE,
+            num_items_in_batch=tokens,
+        )
+        out.loss.backward()
+        grad_x[rows] = h64.grad
+    return grad_x, w64.grad
+
+
+def _grad_errors(grads: dict, refs: dict) -> dict:
+    errors = {}
+    for key, grad in grads.items():
+        diff = grad.double() - refs[key]
+        errors[key] = {
+            "max_rel": float(diff.abs().max() / refs[key].abs().max()),
+            "norm_rel": float(diff.norm() / refs[key].norm()),
+        }
+    return errors
+
+
 def _run_case(
     case: str,
     n: int,
@@ -84,6 +143,7 @@ def _run_case(
     chunk: int | None,
     device: str = "cpu",
     dtype_name: str = "float32",
+    errors: bool = False,
 ) -> dict:
     import torch
 
@@ -100,14 +160,19 @@ def _run_case(
         "torch": torch.__version__,
     }
 
-    def place(t):  # the same values on every device: drawn on the CPU in float32, then moved
-        return t if device == "cpu" and dtype == torch.float32 else t.to(device=device, dtype=dtype)
+    def draw(*shape, scale=1.0):
+        """Normal values: on the CPU in float32 (then cast); on CUDA drawn there (seconds saved per case at
+        the Llama-3 shape, whose two heads hold 525M values each)."""
+        if cuda:
+            return (torch.randn(*shape, device=device) * scale).to(dtype)
+        values = torch.randn(*shape) * scale
+        return values if dtype == torch.float32 else values.to(dtype)
 
     torch.manual_seed(0)
-    hs = place(torch.randn(n, hidden) * 0.5).requires_grad_()
-    ws = place(torch.randn(vocab, hidden) * hidden**-0.5).requires_grad_()
-    ht = place(torch.randn(n, hidden) * 0.5)
-    wt = place(torch.randn(vocab, hidden) * hidden**-0.5)
+    hs = draw(n, hidden, scale=0.5).requires_grad_()
+    ws = draw(vocab, hidden, scale=hidden**-0.5).requires_grad_()
+    ht = draw(n, hidden, scale=0.5)
+    wt = draw(vocab, hidden, scale=hidden**-0.5)
     labels = torch.randint(0, vocab, (n,))
     labels[: n // 8] = -100  # a prompt share, as in instruction data
     labels = labels.to(device)
@@ -123,10 +188,13 @@ def _run_case(
         def step():
             return _naive_todi(hs, ws, ht, wt, labels)
 
-    elif case in ("fused-todi", "fused-fkl"):
+    elif case.startswith(("fused-", "triton-")):
         from todi.losses import fused_linear_distillation_loss
 
-        name = case.split("-")[1]
+        kind, name = case.split("-", 1)
+        backend = "torch" if kind == "fused" else "triton"
+        if backend == "triton" and not cuda:
+            return {**info, "skipped": "the Triton backend needs CUDA"}
 
         def step():
             out = fused_linear_distillation_loss(
@@ -139,11 +207,12 @@ def _run_case(
                 kd_rate=KD_RATE,
                 temperature=TEMPERATURE,
                 chunk_size=chunk,
+                backend=backend,
             )
             out.loss.backward()
             return out.loss
 
-    elif case == "liger-fkl":
+    elif case.startswith("liger-"):
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
         except Exception as err:  # not installed, or built for another torch / triton
@@ -154,7 +223,7 @@ def _run_case(
         loss_fn = LigerFusedLinearJSDLoss(
             weight_hard_loss=1 - KD_RATE,
             weight_soft_loss=KD_RATE,
-            beta=0.0,
+            beta=LIGER_BETA[case.split("-", 1)[1]],
             temperature=TEMPERATURE,
             **options,
         )
@@ -165,7 +234,7 @@ def _run_case(
             return loss
 
     elif case == "floor":
-        grad_logits = place(torch.randn(n, vocab))
+        grad_logits = draw(n, vocab)
 
         def step():
             with torch.no_grad():
@@ -190,13 +259,18 @@ def _run_case(
         if i >= warmup:
             times.append(elapsed)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mib()
-    return {
+    result = {
         **info,
         "median_s": statistics.median(times),
         "times_s": times,
         "peak_mib_above_inputs": peak - base,
         "threads": torch.get_num_threads(),
     }
+    if errors and _case_divergence(case) is not None:  # the last timed run's gradients
+        grads = {"dX": hs.grad, "dW": ws.grad}
+        ref_x, ref_w = _reference_grads(hs, ws, ht, wt, labels, _case_divergence(case))
+        result["grad_error"] = _grad_errors(grads, {"dX": ref_x, "dW": ref_w})
+    return result
 
 
 def _print_table(results: list[dict]) -> None:
@@ -208,14 +282,20 @@ def _print_table(results: list[dict]) -> None:
     if names:  # files written before these were recorded have neither
         print(f"\n{', '.join(names)} | torch {', '.join(torch_versions)}")
     unit, scale = ("ms", 1000.0) if gpu else ("s", 1.0)
+    with_errors = any("grad_error" in r for r in results)
+    extra = " dX max rel err | dW max rel err |" if with_errors else ""
     print(
         f"\n| shape | N | case | fwd+bwd median ({unit}) | x floor | peak MiB above inputs | % of naive-todi peak |"
+        + extra
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if with_errors else ""))
     for r in results:
         if "median_s" not in r:
             reason = r.get("skipped") or r.get("error") or "no result"
-            print(f"| {r['shape']} | {r['n']} | {r['case']} | {reason} | - | - | - |")
+            print(
+                f"| {r['shape']} | {r['n']} | {r['case']} | {reason} | - | - | - |"
+                + (" - | - |" if with_errors else "")
+            )
             continue
         same = {
             x["case"]: x for x in results if x["shape"] == r["shape"] and x["n"] == r["n"] and "median_s" in x
@@ -224,9 +304,13 @@ def _print_table(results: list[dict]) -> None:
         naive_peak = same.get("naive-todi", {}).get("peak_mib_above_inputs")
         ratio = f"{r['median_s'] / floor:.2f}" if floor else "-"
         share = f"{100 * r['peak_mib_above_inputs'] / naive_peak:.1f}%" if naive_peak else "-"
+        errors = ""
+        if with_errors:
+            err = r.get("grad_error")
+            errors = f" {err['dX']['max_rel']:.2e} | {err['dW']['max_rel']:.2e} |" if err else " - | - |"
         print(
             f"| {r['shape']} | {r['n']} | {r['case']} | {scale * r['median_s']:.{2 if gpu else 3}f} | {ratio} | "
-            f"{r['peak_mib_above_inputs']:.0f} | {share} |"
+            f"{r['peak_mib_above_inputs']:.0f} | {share} |" + errors
         )
 
 
@@ -242,8 +326,17 @@ def main() -> None:
         help="comma list of N (positions); default "
         + ", ".join(f"{d}: {s}" for d, s in DEFAULT_SIZES.items()),
     )
-    parser.add_argument("--shapes", default="smollm2,gpt2", help=f"comma list of {sorted(SHAPES)}")
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help=f"comma list of {sorted(SHAPES)}; default "
+        + ", ".join(f"{d}: {s}" for d, s in DEFAULT_SHAPES.items()),
+    )
+    parser.add_argument(
+        "--cases", default=None, help="default " + "; ".join(f"{d}: {c}" for d, c in DEFAULT_CASES.items())
+    )
+    parser.add_argument("--errors", action="store_true", help="also gradient errors against float64")
+    parser.add_argument("--errors-max-n", type=int, default=4096, help="--errors only up to this N")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk-size", type=int, default=None, help="fused chunk size (default: automatic)")
@@ -280,23 +373,28 @@ def main() -> None:
             args.chunk_size,
             args.device,
             args.dtype,
+            args.errors and int(n) <= args.errors_max_n,
         )
         print(json.dumps(result))
         return
 
     sizes = args.sizes or DEFAULT_SIZES[args.device]
+    shapes = args.shapes or DEFAULT_SHAPES[args.device]
+    cases = args.cases or DEFAULT_CASES[args.device]
     out = Path(args.out or RESULTS / DEFAULT_OUT[args.device].format(dtype=args.dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
-    for shape in args.shapes.split(","):
+    for shape in shapes.split(","):
         hidden, vocab = SHAPES[shape]
         for n in map(int, sizes.split(",")):
-            for case in args.cases.split(","):
+            for case in cases.split(","):
                 cmd = [sys.executable, __file__, "--_one", f"{case}:{n}:{hidden}:{vocab}"]
                 cmd += ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
                 cmd += ["--device", args.device, "--dtype", args.dtype]
                 if args.chunk_size:
                     cmd += ["--chunk-size", str(args.chunk_size)]
+                if args.errors:
+                    cmd += ["--errors", "--errors-max-n", str(args.errors_max_n)]
                 label = f"{shape:8s} N={n:5d} {case:11s}"
                 record = {"case": case, "n": n, "hidden": hidden, "vocab": vocab, "shape": shape}
                 record.update(device=args.device, dtype=args.dtype)

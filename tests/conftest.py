@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
+
+# Without CUDA, Triton runs its kernels under its CPU interpreter (tests/test_triton.py), which Triton
+# decides once, at its import: torch._dynamo imports it as soon as transformers loads, long before that
+# module is collected, so the switch is set here, for the whole process. It only changes what Triton does;
+# the fused loss stays on its torch backend on the CPU unless a test asks for backend="triton". With CUDA
+# the compiled kernel is tested (tests/test_cuda.py) and the switch stays off.
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,10 @@ Errors are norm-relative per tensor. float32 on the device agrees to ~3e-7 (meas
 float32 tolerance (2e-5) is loose enough for any reduction order and tight enough to catch TF32 matmuls
 (~2e-4 on the gradients, emulated) or bf16 softmax math (>= 4e-4 on the divergence).
 
-Order matters with ``pytest -x``: the eager loss checks, then the torch.compile (Triton) ones, then one
-``todi distill`` run (the most likely to trip over a library version, and the least central).
+Order matters with ``pytest -x``: the eager loss checks, then the torch.compile (Triton) ones, then the
+Triton row kernel of the fused loss (``backend="triton"``, todi.losses.triton_loss), then one ``todi distill``
+run (the most likely to trip over a library version, and the least central; it takes the Triton backend,
+the default on CUDA). The torch-backend checks pass ``backend="torch"``.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def reference(inputs: dict, **kwargs) -> tuple:
     return out, {k: leaves[k].grad for k in STUDENT if leaves[k] is not None}
 
 
-def fused(inputs: dict, dtype: torch.dtype, device: str, **kwargs) -> tuple:
+def fused(inputs: dict, dtype: torch.dtype, device: str, backend: str = "torch", **kwargs) -> tuple:
     leaves = cast(inputs, dtype, device)
     out = fused_linear_distillation_loss(
         leaves["student_hidden"],
@@ -99,6 +101,7 @@ def fused(inputs: dict, dtype: torch.dtype, device: str, **kwargs) -> tuple:
         leaves["labels"],
         student_bias=leaves["student_bias"],
         teacher_bias=leaves["teacher_bias"],
+        backend=backend,
         **kwargs,
     )
     out.loss.backward()
@@ -126,11 +129,15 @@ DENSE = dict(n=200, h_s=64, h_t=96, vocab=1000, num_ignored=30, student_bias=Tru
 DENSE_CHUNK = 32
 
 
-def check_dense_float32(name: str, compile: bool, device: str = DEVICE) -> None:
+def check_dense_float32(
+    name: str, compile: bool, device: str = DEVICE, backend: str = "torch", temperature: float = 2.0
+) -> None:
     inputs = make_inputs(**DENSE, seed=DIVERGENCES.index(name), dtype=torch.float64)  # CPU master copies
-    kwargs = dict(divergence=name, kd_rate=0.5, temperature=2.0, **PARAMS.get(name, {}))
+    kwargs = dict(divergence=name, kd_rate=0.5, temperature=temperature, **PARAMS.get(name, {}))
     ref, ref_grads = reference(inputs, **kwargs)
-    out, grads = fused(inputs, torch.float32, device, chunk_size=DENSE_CHUNK, compile=compile, **kwargs)
+    out, grads = fused(
+        inputs, torch.float32, device, backend, chunk_size=DENSE_CHUNK, compile=compile, **kwargs
+    )
     assert_matches(out, ref, grads, ref_grads, device, RTOL, RTOL)
     for key, grad in grads.items():
         assert grad.dtype == torch.float32, key
@@ -146,7 +153,7 @@ def bf16_rounded(inputs: dict) -> dict:
     }
 
 
-def check_fused_bf16(name: str, masked: bool, device: str = DEVICE) -> None:
+def check_fused_bf16(name: str, masked: bool, device: str = DEVICE, backend: str = "torch") -> None:
     """bf16 hidden states and heads: float32 softmax math on the bf16 logits."""
     inputs = bf16_rounded(make_inputs(**DENSE, seed=100 + DIVERGENCES.index(name), dtype=torch.float64))
     if masked:  # masked vocabulary items: -inf and +inf teacher logits in whole columns
@@ -154,7 +161,9 @@ def check_fused_bf16(name: str, masked: bool, device: str = DEVICE) -> None:
         inputs["teacher_bias"][[41]] = math.inf
     kwargs = dict(divergence=name, kd_rate=0.5, temperature=2.0, **PARAMS.get(name, {}))
     ref, ref_grads = reference(inputs, **kwargs)
-    out, grads = fused(inputs, torch.bfloat16, device, chunk_size=DENSE_CHUNK, compile=False, **kwargs)
+    out, grads = fused(
+        inputs, torch.bfloat16, device, backend, chunk_size=DENSE_CHUNK, compile=False, **kwargs
+    )
     assert math.isfinite(out.loss.item()) and math.isfinite(float(out.kd))
     assert_matches(out, ref, grads, ref_grads, device, BF16_LOSS_RTOL, BF16_GRAD_RTOL)
     for key, grad in grads.items():
@@ -326,6 +335,47 @@ def test_fused_float32_compiled_matches_float64(name, caplog):
 @pytest.mark.parametrize("mode", ["bucket", "uniform", "sampled"])
 def test_fused_sparse_teacher_compiled_matches_float64(mode, caplog):
     run_compiled(check_sparse, "todi", mode, 7, caplog=caplog)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the Triton row kernel (backend="triton"): the same checks as the torch backend's
+# ----------------------------------------------------------------------------------------------------------
+
+KERNEL_DIVERGENCES = [name for name in DIVERGENCES if name != "akl"]  # akl stays on the torch backend
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("name", KERNEL_DIVERGENCES)
+def test_triton_float32_matches_float64(name, temperature):
+    check_dense_float32(name, compile=False, backend="triton", temperature=temperature)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["finite", "inf-teacher"])
+@pytest.mark.parametrize("name", KERNEL_DIVERGENCES)
+def test_triton_bf16_uses_float32_registers(name, masked):
+    """bf16 logits in memory, float32 in the kernel; the gradient is written over the bf16 logits (rounded
+    to bf16 before the dX and dW products) and dW is summed over chunks in float32."""
+    check_fused_bf16(name, masked, backend="triton")
+
+
+def test_triton_is_the_default_on_cuda(monkeypatch):
+    """backend="auto" takes the row kernel on CUDA (and the torch backend for akl)."""
+    calls = []
+    real = fused_mod._ChunkStep.run_triton
+
+    def spy(self, *args):
+        calls.append(self.objective.divergence.name)
+        return real(self, *args)
+
+    monkeypatch.setattr(fused_mod._ChunkStep, "run_triton", spy)
+    inputs = cast(make_inputs(40, vocab=300, num_ignored=5, seed=3), torch.float32, DEVICE)
+    for name in ("todi", "akl"):
+        fused_linear_distillation_loss(
+            *(inputs[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")),
+            inputs["labels"],
+            divergence=name,
+        ).loss.backward()
+    assert calls and set(calls) == {"todi"}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -221,6 +221,7 @@ def no_model_loading(monkeypatch):
         (["--lr", "0"], "--lr must be > 0"),
         (["--skew", "0.2"], "takes no parameter 'skew'"),
         (["--loss", "nope"], "unknown divergence 'nope'"),
+        (["--loss", "akl", "--loss-backend", "triton"], "--loss-backend triton does not serve --loss akl"),
     ],
 )
 def test_bad_options_are_refused_first(tmp_path, capsys, no_model_loading, option, message):

@@ -98,6 +98,7 @@ FREE_ON_RESUME = frozenset(
         "fused",
         "chunk_size",
         "compile",
+        "loss_backend",
         "save_samples",
         "dev_split",
         "gradient_checkpointing",

@@ -246,6 +246,11 @@ class TrainConfig(abc.ABC):
     compile: bool | None = option(
         None, "torch.compile the fused loss's chunk math (default: when a batch has several full chunks)"
     )
+    loss_backend: Literal["auto", "triton", "torch"] = option(
+        "auto",
+        "the fused loss's chunk math: triton (one GPU kernel; not akl or --teacher-cache), torch, or auto = "
+        "triton on CUDA where it serves the loss",
+    )
     trust_remote_code: bool = option(False, "allow models whose code comes with their checkpoint")
     # LoRA
     lora_r: int = option(0, "LoRA rank of the trained model; 0 = train all weights")
@@ -335,6 +340,7 @@ class TrainConfig(abc.ABC):
             "fused",
             "chunk_size",
             "compile",
+            "loss_backend",
         ),
         "on-policy": (
             "lmbda",
@@ -655,6 +661,9 @@ class DistillConfig(TrainConfig):
         if not (math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
             # Below it softmax(z / T) is a hard argmax whose 1/T gradient scale overflows float32.
             out.append(f"--temperature must be a finite number >= {MIN_TEMPERATURE}, got {self.temperature}")
+        if self.loss_backend == "triton" and (self.loss == "akl" or self.teacher_cache):
+            what = "--teacher-cache" if self.teacher_cache else "--loss akl"
+            out.append(f"--loss-backend triton does not serve {what}; use --loss-backend auto or torch")
         return out + self._loss_problems() + self._policy_problems() + super().problems()
 
     def _loss_problems(self) -> list[str]:
@@ -1193,6 +1202,7 @@ def _setup_optimizer(
         chunk_size=config.chunk_size,
         vocab_size=teacher.vocab_size,
         compile=config.compile,
+        backend=config.loss_backend,
     )
     model = LossModule(student, teacher.model, teacher.xtok_loss or loss_fn)
     optimizer = build_optimizer(config.optim, _param_groups(model, config.weight_decay), config.lr)

@@ -109,6 +109,7 @@ def causal_lm_distillation_loss(
     chunk_size: int | None = None,
     vocab_size: int | None = None,
     compile: bool | None = None,
+    backend: str = "auto",
     **params: float,
 ) -> LossOutput:
     """Run both models on ``batch`` and return the distillation objective.
@@ -124,6 +125,8 @@ def causal_lm_distillation_loss(
             built); False computes full logits and calls :func:`todi.losses.distillation_loss`.
         vocab_size: use only the first ``vocab_size`` logits of each head (heads padded beyond the
             tokenizer, e.g. 152,064 rows for 151,936 tokens).
+        backend: the fused loss's chunk math, ``"auto"`` / ``"triton"`` / ``"torch"`` (see
+            :func:`todi.losses.fused_linear_distillation_loss`); unused with ``fused=False``.
         Other arguments as in :func:`todi.losses.distillation_loss`.
     """
     if teacher is None and kd_rate > 0:
@@ -172,5 +175,6 @@ def causal_lm_distillation_loss(
         chunk_size=chunk_size,
         compile=compile,
         sparse_teacher=sparse,
+        backend=backend,
         **common,
     )

@@ -12,6 +12,10 @@ teacher's rows in one of four forms: none, dense hidden states and head, a spars
 bucket, or that bucket spread over the tail), whose ``chunk(rows)`` gives the kernel its side of a chunk;
 :class:`_ChunkStep` (one call's settings; ``run`` sends a chunk through the dense or the sparse kernel,
 compiled or not); and :class:`_FusedLinearDistillation`, the one loop over chunks.
+
+Backends: ``"torch"`` runs a chunk through the tensor code below; ``"triton"`` (CUDA, dense or no teacher,
+every divergence but akl) through the row kernel of :mod:`todi.losses.triton_loss`, on the logits in the
+model's dtype, writing the gradient over the student's logits; ``"auto"`` takes Triton where it can.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from todi.divergences import (
 )
 from todi.losses.objective import LossOutput, check_objective, normaliser
 from todi.losses.sparse import SparseTeacher, check_sparse_rows, dense_teacher_log_probs
+from todi.losses.triton_loss import BACKENDS, resolve_backend, triton_chunk_size
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +125,9 @@ class _NoTeacher:
     def tensors_to_check(self) -> tuple[Tensor | None, ...]:
         return ()
 
+    def logits(self, rows: slice, masked: bool) -> None:
+        return None
+
 
 @dataclass(frozen=True, eq=False)
 class _DenseTeacher:
@@ -132,7 +140,11 @@ class _DenseTeacher:
     form = "dense"
 
     def chunk(self, rows: slice, masked: bool) -> Tensor:
-        logits = F.linear(self.hidden[rows], self.weight, self.bias).float()
+        return self.logits(rows, masked).float()
+
+    def logits(self, rows: slice, masked: bool) -> Tensor:
+        """The rows' logits in the head's dtype (the Triton backend reads them as they are)."""
+        logits = F.linear(self.hidden[rows], self.weight, self.bias)
         if masked:  # finite inputs cannot give NaN logits; only the masked path needs the check
             check_teacher_logits(logits)
         return logits
@@ -196,6 +208,7 @@ class _ChunkStep:
     teacher: str  # the teacher's form (_Teacher.form)
     need_grad: bool  # the caller wants gradients: also d(objective * scale)/dz for the student's
     masked: bool  # some input is non-finite: the masked log-softmax (the sparse kernel always masks)
+    backend: str = "torch"  # "triton": run_triton instead of run (dense or no teacher)
 
     def run(
         self, z: Tensor, teacher: _TeacherChunk, targets: Tensor, scale: Tensor, compiled: bool
@@ -225,6 +238,34 @@ class _ChunkStep:
                 _COMPILE_FAILED.add(key)
                 logger.warning("torch.compile of the fused loss failed (%s); running it eagerly", err)
         return kernel(z, teacher, targets, scale, self)
+
+    def run_triton(
+        self, z: Tensor, teacher: Tensor | None, targets: Tensor, scale: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """:meth:`run` through the Triton row kernel, on logits ``z`` in the head's dtype; the gradient is
+        written over ``z`` (and returned as it)."""
+        from todi.losses.triton_loss import run_chunk
+
+        objective = self.objective
+        ce, kd, fkl_share = run_chunk(
+            z,
+            teacher,
+            targets,
+            scale,
+            objective.divergence.name,
+            dict(objective.params),
+            objective.kd_rate,
+            objective.temperature,
+            self.need_grad,
+        )
+        ce_sum = ce.sum() if objective.kd_rate < 1 else ce.new_zeros(())  # as _ce_part
+        with_share = teacher is not None and objective.divergence.name == "todi"
+        return (
+            ce_sum,
+            kd.sum(),
+            fkl_share.sum() if with_share else kd.new_zeros(()),
+            z if self.need_grad else None,
+        )
 
 
 def _chunk_kernel(
@@ -352,6 +393,27 @@ def _accumulator(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+_MIXED_ADDMM_FAILED: set[str] = set()  # device types whose addmm has no float32 output for bf16 operands
+
+
+def _add_weight_grad(grad_weight: Tensor, grad: Tensor, h: Tensor) -> None:
+    """grad_weight (float32) += grad.T @ h. A float32 grad (the torch backend) multiplies float32 operands;
+    a bf16 / fp16 grad (the Triton backend) multiplies in its own dtype and accumulates straight into the
+    float32 sum where the device's addmm can (else the chunk's product is rounded first, as Liger does)."""
+    if grad.dtype == grad_weight.dtype:
+        grad_weight.addmm_(grad.t(), h.to(grad.dtype))
+        return
+    h = h.to(grad.dtype)
+    if grad.device.type not in _MIXED_ADDMM_FAILED:
+        try:
+            torch.addmm(grad_weight, grad.t(), h, out_dtype=grad_weight.dtype, out=grad_weight)
+            return
+        except (RuntimeError, TypeError, NotImplementedError) as err:
+            _MIXED_ADDMM_FAILED.add(grad.device.type)
+            logger.info("addmm with a float32 output failed (%s); rounding each chunk's dW first", err)
+    grad_weight.add_(grad.t() @ h)
+
+
 class _FusedLinearDistillation(torch.autograd.Function):
     """The loss over chunks of rows, the student's gradients computed in forward (backward scales them).
 
@@ -372,6 +434,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
         chunk_size: int,
         compile: bool | None,
         grad_enabled: bool,
+        backend: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # Inside forward grad mode is always off; whether the caller had it on arrives as grad_enabled.
         need_grad = grad_enabled and any(ctx.needs_input_grad[:3])
@@ -387,18 +450,25 @@ class _FusedLinearDistillation(torch.autograd.Function):
         scale = 1.0 / denom
         compiled = _use_compile(compile, student_hidden.shape[0] // chunk_size)
         masked = not _all_finite(student_hidden, student_weight, student_bias, *teacher.tensors_to_check())
-        step = _ChunkStep(objective, teacher.form, need_grad, masked)
+        step = _ChunkStep(objective, teacher.form, need_grad, masked, backend)
         ce_sum = student_hidden.new_zeros((), dtype=torch.float32)
         kd_sum, fkl_share_sum = ce_sum.clone(), ce_sum.clone()
         for start in range(0, student_hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h = student_hidden[rows]
             student_logits = F.linear(h, student_weight, student_bias)
-            teacher_chunk = teacher.chunk(rows, masked)
-            full = student_logits.shape[0] == chunk_size
-            ce, kd, fkl_share, grad = step.run(
-                student_logits.float(), teacher_chunk, targets[rows], scale, compiled and full
-            )
+            if backend == "triton":  # a dense teacher or none (resolve_backend)
+                teacher_logits = teacher.logits(rows, masked)  # type: ignore[attr-defined]
+                ce, kd, fkl_share, grad = step.run_triton(
+                    student_logits, teacher_logits, targets[rows], scale
+                )
+                del teacher_logits  # read: one [chunk, V] block fewer during the products below
+            else:
+                teacher_chunk = teacher.chunk(rows, masked)
+                full = student_logits.shape[0] == chunk_size
+                ce, kd, fkl_share, grad = step.run(
+                    student_logits.float(), teacher_chunk, targets[rows], scale, compiled and full
+                )
             ce_sum += ce
             kd_sum += kd
             fkl_share_sum += fkl_share
@@ -407,9 +477,11 @@ class _FusedLinearDistillation(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[rows] = grad.to(student_weight.dtype) @ student_weight
             if grad_weight is not None:
-                grad_weight.addmm_(grad.t(), h.float())
+                _add_weight_grad(grad_weight, grad, h)
             if grad_bias is not None:
-                grad_bias += grad.sum(0)
+                grad_bias += grad.sum(0, dtype=torch.float32)
+            if backend == "triton":  # the block goes before the next chunk's are built (a CUDA peak less)
+                del grad, student_logits
         loss = ((1.0 - objective.kd_rate) * ce_sum + objective.kd_rate * kd_sum) / denom
         ctx.save_for_backward(
             grad_hidden,
@@ -443,6 +515,7 @@ def fused_linear_distillation_loss(
     chunk_size: int | None = None,
     compile: bool | None = None,
     sparse_teacher: SparseTeacher | None = None,
+    backend: str = "auto",
     **params: float,
 ) -> LossOutput:
     """Same result as :func:`todi.losses.distillation_loss` on ``hidden @ weight.T (+ bias)`` logits,
@@ -463,6 +536,11 @@ def fused_linear_distillation_loss(
         sparse_teacher: instead of ``teacher_hidden`` / ``teacher_weight``, the teacher's stored top-k
             distributions, one row per supervised position (see :mod:`todi.losses.sparse`); the result
             is :func:`todi.losses.sparse_distillation_loss` on the same logits.
+        backend: ``"triton"``: the chunk math in one Triton row kernel on the logits in the head's dtype
+            (CUDA; CE alone or with a dense teacher and any divergence but akl); ``"torch"``: tensor code on
+            float32 copies (any case, any device; ``compile`` applies to it); ``"auto"`` (default): Triton
+            on CUDA where it is importable and serves the case, else torch. See
+            :mod:`todi.losses.triton_loss`.
         Other arguments as in :func:`todi.losses.distillation_loss`.
 
     Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``. Hidden states may be
@@ -510,7 +588,14 @@ def fused_linear_distillation_loss(
         teacher = _NoTeacher()
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
-    chunk = chunk_size or auto_chunk_size(rows.numel(), student_weight.shape[0])
+    backend = resolve_backend(backend, student_hidden.device, registered.name, teacher.form)
+    if chunk_size:
+        chunk = chunk_size
+    elif backend == "triton":
+        itemsize = student_hidden.element_size()
+        chunk = triton_chunk_size(rows.numel(), student_weight.shape[0], itemsize, teacher.form == "dense")
+    else:
+        chunk = auto_chunk_size(rows.numel(), student_weight.shape[0])
     objective = _Objective(registered, tuple(sorted(resolved.items())), float(kd_rate), float(temperature))
     loss, ce_sum, kd_sum, fkl_share_sum = _FusedLinearDistillation.apply(
         student_hidden.index_select(0, rows),
@@ -523,6 +608,7 @@ def fused_linear_distillation_loss(
         chunk,
         compile,
         torch.is_grad_enabled(),
+        backend,
     )
     with_todi_weight = registered.name == "todi" and with_teacher
     return LossOutput(
@@ -551,14 +637,17 @@ class FusedLinearDistillationLoss(nn.Module):
         ignore_index: int = -100,
         chunk_size: int | None = None,
         compile: bool | None = None,
+        backend: str = "auto",
         **params: float,
     ) -> None:
         super().__init__()
         check_objective(kd_rate, temperature)
         get_divergence(divergence).resolve(params)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         self.divergence, self.kd_rate, self.temperature = divergence, kd_rate, temperature
         self.ignore_index, self.chunk_size, self.params = ignore_index, chunk_size, params
-        self.compile = compile
+        self.compile, self.backend = compile, backend
 
     def forward(
         self,
@@ -587,6 +676,7 @@ class FusedLinearDistillationLoss(nn.Module):
             num_items_in_batch=num_items_in_batch,
             chunk_size=self.chunk_size,
             compile=self.compile,
+            backend=self.backend,
             **self.params,
         )
 
