@@ -364,6 +364,11 @@ class DistillConfig(TrainConfig):
     kd_rate: float = option(0.5, "weight of the divergence; 1 - kd_rate weighs the cross-entropy")
     temperature: float = option(2.0, "temperature of both distributions inside the divergence")
     beta: float | None = option(None, "ToDi: sharpness of the FKL/RKL weight (default 1.0)")
+    todi_weight: Literal["sigmoid", "hard", "constant", "inverse"] | None = option(
+        None,
+        "ToDi: how the FKL weight a is formed from log p/q: sigmoid = sigmoid(beta log p/q) (default, the "
+        "paper's); hard = 1 where p > q else 0; constant = 1/2; inverse = sigmoid(beta log q/p), a control",
+    )
     skew: float | None = option(None, "skl / srkl: mixing weight (default 0.1)")
     mu: float | None = option(None, "akl: head/tail threshold (default 0.5)")
 
@@ -394,9 +399,11 @@ class DistillConfig(TrainConfig):
             **super().inputs(),
         }
 
-    def divergence_params(self) -> dict[str, float]:
+    def divergence_params(self) -> dict[str, float | str]:
+        # option name -> the divergence's parameter name
+        names = {"beta": "beta", "skew": "skew", "mu": "mu", "todi_weight": "weight"}
         return {
-            name: getattr(self, name) for name in ("beta", "skew", "mu") if getattr(self, name) is not None
+            param: getattr(self, name) for name, param in names.items() if getattr(self, name) is not None
         }
 
     def loss_options(self) -> dict[str, Any]:
@@ -418,6 +425,8 @@ class DistillConfig(TrainConfig):
             out.append(f"--temperature must be a finite number >= {MIN_TEMPERATURE}, got {self.temperature}")
         if self.loss not in DIVERGENCES:
             out.append(f"--loss: unknown divergence {self.loss!r} (choose one of {', '.join(DIVERGENCES)})")
+        elif self.todi_weight is not None and self.loss != "todi":
+            out.append(f"--todi-weight applies to --loss todi, not --loss {self.loss}")
         else:
             try:
                 get_divergence(self.loss).resolve(self.divergence_params())

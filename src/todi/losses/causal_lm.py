@@ -109,7 +109,7 @@ def causal_lm_distillation_loss(
     chunk_size: int | None = None,
     vocab_size: int | None = None,
     compile: bool | None = None,
-    **params: float,
+    **params: float | str,
 ) -> LossOutput:
     """Run both models on ``batch`` and return the distillation objective.
 

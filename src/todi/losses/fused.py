@@ -82,7 +82,7 @@ class _Objective:
     """What the loss computes: ``(1 - kd_rate) CE + kd_rate divergence`` at ``temperature``."""
 
     divergence: Divergence
-    params: tuple[tuple[str, float], ...]  # the divergence's resolved parameters, sorted (hashable)
+    params: tuple[tuple[str, float | str], ...]  # the divergence's resolved parameters, sorted (hashable)
     kd_rate: float
     temperature: float
 
@@ -269,7 +269,7 @@ def _chunk_kernel(
         ls, lt = scaled_log_probs(z)
         kd, grad_kd = divergence.fn(ls, lt, **params).sum(), None
     if divergence.name == "todi":
-        fkl_share = todi_weight(ls, lt, params["beta"]).sum()
+        fkl_share = todi_weight(ls, lt, params["beta"], params["weight"]).sum()
     if grad_kd is not None:
         grad = grad_kd if grad is None else grad + grad_kd
     return ce, kd.detach(), fkl_share, grad
@@ -317,7 +317,9 @@ def _sparse_chunk_kernel(
         grad = grad_kd if grad is None else grad + grad_kd
     else:
         kd, (ls, lt) = kd_of(student_bucket)
-    fkl_share = todi_weight(ls, lt, params["beta"]).sum() if divergence.name == "todi" else z.new_zeros(())
+    fkl_share = z.new_zeros(())
+    if divergence.name == "todi":
+        fkl_share = todi_weight(ls, lt, params["beta"], params["weight"]).sum()
     return ce, kd.detach(), fkl_share, grad
 
 
@@ -443,7 +445,7 @@ def fused_linear_distillation_loss(
     chunk_size: int | None = None,
     compile: bool | None = None,
     sparse_teacher: SparseTeacher | None = None,
-    **params: float,
+    **params: float | str,
 ) -> LossOutput:
     """Same result as :func:`todi.losses.distillation_loss` on ``hidden @ weight.T (+ bias)`` logits,
     without materialising the ``[N, V]`` logits of either model.
@@ -551,7 +553,7 @@ class FusedLinearDistillationLoss(nn.Module):
         ignore_index: int = -100,
         chunk_size: int | None = None,
         compile: bool | None = None,
-        **params: float,
+        **params: float | str,
     ) -> None:
         super().__init__()
         check_objective(kd_rate, temperature)
