@@ -15,7 +15,8 @@ KiB gets its own mapping that is returned on free, and the resident set follows 
 counts everything the step allocates (activations, gradients, the loss's chunks; AdamW's state was
 allocated by the warm-up step), not the models and the batch that exist before it.
 
-    python experiments/ablation_demo/efficiency.py --config experiments/ablation_demo/config.yaml --out e.json
+    python experiments/ablation_demo/efficiency.py --config experiments/ablation_demo/config.yaml \
+        --teacher ~/.cache/todi/demo/teacher-<key>/final --out OUT/efficiency.json
 """
 
 from __future__ import annotations
@@ -242,10 +243,16 @@ def run(settings: dict[str, Any], teacher_path: Path) -> dict[str, Any]:
 
 
 def main() -> None:
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != str(MMAP_THRESHOLD):
+        # glibc reads it at start-up only: start again with it (see the module docstring)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "TOKENIZERS_PARALLELISM": "false"}
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", help="JSON of the config's efficiency section")
     parser.add_argument("--config", help="or the study's config.yaml (its efficiency section)")
-    parser.add_argument("--teacher", help="the demo teacher's folder (default: the demo's cached one)")
+    parser.add_argument(
+        "--teacher", required=True, help="the demo teacher's folder (final/ of its cache entry)"
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.settings:

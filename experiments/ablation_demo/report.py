@@ -82,19 +82,19 @@ def variant_table(run: dict[str, Any]) -> str:
             continue
         values = list(rouge(cells).values())
         mean, low, high = bootstrap_mean_ci(values)
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        std = f"{statistics.stdev(values):.1f}" if len(values) > 1 else "–"
         exact = statistics.fmean(c["exact"] for c in cells.values())
         steps = [c["best_step"] for c in cells.values() if c.get("best_step") is not None]
         objective = describe(next(iter(cells.values()))["objective"])
         step = f"{statistics.median(steps):g}" if steps else "–"
         lines.append(
-            f"| {variant} | {objective} | {len(values)} | {mean:.1f} ± {std:.1f} | {low:.1f}..{high:.1f} "
+            f"| {variant} | {objective} | {len(values)} | {mean:.1f} ± {std} | {low:.1f}..{high:.1f} "
             f"| {exact:.1f} | {step} |"
         )
     if run["teacher"]:
         t = run["teacher"]
         lines.append(
-            f"| teacher | the demo's teacher | – | {t['rougeL']:.1f} ± {t['rougeL_std']:.1f} | | {t['exact']:.1f} | |"
+            f"| teacher | the demo's teacher (± over sampling seeds) | – | {t['rougeL']:.1f} ± {t['rougeL_std']:.1f} | | {t['exact']:.1f} | |"
         )
     return "\n".join(lines)
 
@@ -150,7 +150,10 @@ def plot_beta(run: dict[str, Any], paired: dict[str, PairedDifference], path: Pa
     ds = [d for _, d in diffs if d is not None]
     right.errorbar(xs, [d.mean for d in ds], yerr=[[d.mean - d.low for d in ds], [d.high - d.mean for d in ds]],
                    marker="o", capsize=4, linestyle="none")  # fmt: skip
+    ref_beta = [b for b, v in points if v == reference]
+    right.plot(ref_beta, [0.0] * len(ref_beta), marker="o", fillstyle="none", linestyle="none", color="C0")
     right.set_xscale("log", base=2)
+    right.set_xlim(left.get_xlim())
     right.set_xticks(betas, [f"{b:g}" for b in betas])
     right.set_xlabel("β")
     right.set_ylabel(f"ROUGE-L − {reference} (paired by seed)")
@@ -262,9 +265,9 @@ def write(out: Path, doc: Path) -> str:
         else "Not measured yet (run.py measures it after the cells)."
     )
     wall = (
-        f"{info['wall_s'] / 60:.0f} min of wall time over its invocations"
+        f"{info['wall_s'] / 60:.0f} min of wall time summed over its finished invocations (copies run side by side add up)"
         if "wall_s" in info
-        else "wall time not recorded yet"
+        else "no invocation finished yet"
     )
     text = f"""# ToDi ablations on the demo task
 
@@ -313,7 +316,7 @@ Variant minus {reference}, per training seed.
 
 {run["efficiency"]["memory"] if run["efficiency"] else ""}
 
-Written by experiments/ablation_demo/efficiency.py (run.py's last stage): one training step (student forward, fused
+Written by experiments/ablation_demo/efficiency.py (run.py's last stage, or the script by itself with `--config experiments/ablation_demo/config.yaml --out OUT/efficiency.json`): one training step (student forward, fused
 loss, backward, AdamW) per objective, online (the teacher's forward every step) and from a teacher cache (the
 teacher's top-{config["efficiency"]["cache_top_k"]} rows with 16 sampled tail draws per position, built once, outside the timing; reading
 it from disk is not included). {run["efficiency"]["repeats"] if run["efficiency"] else config["efficiency"]["repeats"]} side-by-side rounds after one warm-up step each, medians

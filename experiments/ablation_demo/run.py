@@ -106,10 +106,12 @@ class Study:
             seed=config["seed"],
         )
         (out / "runs").mkdir(parents=True, exist_ok=True)
-        # The demo's cached teacher (trained once per profile and seed, shared with `todi demo`).
-        self.teacher, _ = demo._teacher(
-            demo.Config(seed=config["seed"]), self.profile, self.tokenizer, self.data, out / "runs"
-        )
+        # The demo's cached teacher (trained once per profile and seed, shared with `todi demo`); one copy
+        # of this command trains it while the others wait.
+        with claimed(out / "runs" / "teacher.lock", wait=True):
+            self.teacher, _ = demo._teacher(
+                demo.Config(seed=config["seed"]), self.profile, self.tokenizer, self.data, out / "runs"
+            )
 
     def student_init(self, seed: int) -> Path:
         from todi import demo
