@@ -282,3 +282,20 @@ def test_cli_option_reaches_the_loss():
     assert DistillConfig(teacher="t", student="s", data="d", out="o").divergence_params() == {}
     with pytest.raises(UsageError, match="--todi-weight applies to --loss todi, not --loss fkl"):
         DistillConfig(teacher="t", student="s", data="d", out="o", loss="fkl", todi_weight="hard")
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.7])
+def test_default_rule_is_the_unchanged_sigmoid_formula_bit_for_bit(beta):
+    g = torch.Generator().manual_seed(9)
+    s, t = torch.randn(5, 17, generator=g) * 3, torch.randn(5, 17, generator=g) * 3
+    ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    d = lt - ls
+    a = torch.sigmoid(beta * d)
+    paper = ((a * lt.exp() - (1.0 - a) * ls.exp()) * d).sum(-1)  # the formula as it stood before the rules
+    entry = get_divergence("todi")
+    assert torch.equal(entry.fn(ls, lt, beta=beta), paper)
+    assert torch.equal(entry.fn(ls, lt, beta=beta, weight="sigmoid"), paper)
+    for a_, b_ in zip(
+        entry.value_and_grad(ls, lt, beta=beta), entry.value_and_grad(ls, lt, beta=beta, weight="sigmoid")
+    ):
+        assert torch.equal(a_, b_)

@@ -314,8 +314,6 @@ Variant minus {reference}, per training seed.
 
 ## Efficiency
 
-{run["efficiency"]["memory"] if run["efficiency"] else ""}
-
 Written by experiments/ablation_demo/efficiency.py (run.py's last stage, or the script by itself with `--config experiments/ablation_demo/config.yaml --out OUT/efficiency.json`): one training step (student forward, fused
 loss, backward, AdamW) per objective, online (the teacher's forward every step) and from a teacher cache (the
 teacher's top-{config["efficiency"]["cache_top_k"]} rows with 16 sampled tail draws per position, built once, outside the timing; reading
