@@ -188,6 +188,18 @@ def efficiency_table(efficiency: dict[str, Any]) -> str:
                 f"{ca['cpu_s'] / on['cpu_s']:.2f} | {1000 * on['step_s']:.1f} | {1000 * ca['step_s']:.1f} | "
                 f"{on['peak_mib']:.1f} | {ca['peak_mib']:.1f} |"
             )
+        ranges = sorted(
+            max(r["cpu_s_all"]) / min(r["cpu_s_all"]) - 1
+            for mode in ("online", "cache")
+            for r in data[mode].values()
+            if r.get("cpu_s_all")
+        )
+        if ranges:
+            lines.append(
+                f"\nBetween rounds an objective's CPU time varied by {100 * statistics.median(ranges):.0f}% "
+                f"(max / min - 1, the median over rows; up to {100 * ranges[-1]:.0f}%): medians closer than "
+                "that are not told apart."
+            )
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
@@ -287,7 +299,9 @@ mean over sampling seeds {", ".join(map(str, p.eval_seeds))}). Every variant is 
 **seed by seed**: the per-seed difference to `{reference}` (ToDi as the paper defines it: sigmoid weight, β 1,
 T 2, kd_rate 0.5), its mean with a 95% percentile-bootstrap interval over the seeds, and the exact sign
 test (src/todi/stats.py). "No difference detected" means the interval includes 0, not that the variants
-are equal.
+are equal. With few pairs the percentile bootstrap is too narrow (its interval never leaves the range of
+the pairs' differences), so below about 8 seeds read the sign test beside it: with n pairs its p is at
+least 2 / 2^n.
 
 Weight rules (`todi distill --todi-weight`, src/todi/divergences.py): `sigmoid` a = σ(β log p/q) (the paper's);
 `hard` a = 1 where p > q, else 0; `constant` a = 1/2 (the token-blind mix (FKL + RKL) / 2); `inverse`
