@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -184,3 +185,45 @@ def test_a_profile_without_dev_scoring_is_refused():
             demo.Profile(**sizes, **bad)
     assert demo.Profile(**sizes, dev_evals=2).dev_every == 1
     assert demo.Profile(**{**sizes, "student_steps": 400}).dev_every == 100
+
+
+def _numpy_paired(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0):
+    """a - b from the definitions: mean and the percentile bootstrap of the mean over the pairs (numpy's
+    default_rng(seed) drawing resample indices), and the win/loss counts."""
+    import numpy as np
+
+    d = np.asarray(a) - np.asarray(b)
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))
+    low, high = np.quantile(d[idx].mean(axis=1), [0.025, 0.975])
+    return d.mean(), low, high, int((d > 0).sum()), int((d < 0).sum())
+
+
+def test_report_has_paired_differences_to_todi(tmp_path):
+    per_seed = {
+        "sft": [20.1, 25.3, 18.7, 22.0, 19.5],
+        "rkl": [28.0, 30.2, 24.9, 27.5, 29.9],
+        "todi": [30.5, 31.0, 27.2, 29.0, 33.4],
+    }
+    results = {
+        name: {"rougeL": sum(v) / 5, "rougeL_std": 1.0, "exact": 5.0, "exact_std": 1.0, "rougeL_per_run": v}
+        for name, v in per_seed.items()
+    }
+    results["teacher"] = {"rougeL": 42.0, "rougeL_std": 0.5, "exact": 30.0, "exact_std": 1.0}
+    profile = dataclasses.asdict(demo.PROFILES["quick"]) | {"student_seeds": (0, 1, 2, 3, 4)}
+    profile |= {"teacher_data": 1, "dev_every": 50, "dev_seed": demo.DEV_SEED}
+    (tmp_path / "runs").mkdir()
+    demo_report.write_report(
+        tmp_path, results=results, runs=tmp_path / "runs", teacher=tmp_path, student=None, test=tmp_path,
+        profile=profile, elapsed=1.0, teacher_seconds=0.0, quick=True,
+    )  # fmt: skip
+    text = (tmp_path / "report.md").read_text()
+    saved = {d["name"]: d for d in json.loads((tmp_path / "results.json").read_text())["paired_vs_todi"]}
+    assert set(saved) == {"sft", "rkl"}
+    for name in ("sft", "rkl"):
+        mean, low, high, wins, losses = _numpy_paired(per_seed[name], per_seed["todi"])
+        assert saved[name]["mean"] == pytest.approx(mean, abs=1e-12)
+        assert (saved[name]["low"], saved[name]["high"]) == pytest.approx((low, high), abs=1e-12)
+        assert (saved[name]["wins"], saved[name]["losses"]) == (wins, losses)
+        assert f"| {name} − todi | {mean:+.1f} | {low:+.1f}..{high:+.1f} | {wins} / {losses} / 0 |" in text
+    # todi wins every seed against sft: the interval excludes 0 and the sentence names the winner.
+    assert "todi beats sft by +" in text

@@ -7,10 +7,12 @@ Dolly test examples from the shared data and skip when it is absent.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -516,3 +518,71 @@ def test_no_model_is_a_usage_error(tmp_path, capsys) -> None:
     assert "--model" in capsys.readouterr().err
     assert main(["eval", "--model", "m"]) == 2
     assert "--out is required" in capsys.readouterr().err
+
+
+def _numpy_paired(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> dict:
+    """Paired difference a - b from the definitions: mean, percentile bootstrap (resampling the pairs with
+    numpy's default_rng(seed)), and the exact two-sided sign test by counting."""
+    d = np.asarray(a) - np.asarray(b)
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))
+    low, high = np.quantile(d[idx].mean(axis=1), [0.025, 0.975])
+    wins, losses = int((d > 0).sum()), int((d < 0).sum())
+    n, k = wins + losses, min(wins, losses)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+    return {"mean": d.mean(), "low": low, "high": high, "wins": wins, "losses": losses, "p": p}
+
+
+def test_compare_writes_paired_differences_to_the_reference(tmp_path) -> None:
+    seeds = [10, 20, 30, 40, 50]
+    rng = np.random.default_rng(4)
+    todi = {s: float(v) for s, v in zip(seeds, rng.normal(30, 3, 5))}
+    rkl = {s: todi[s] - float(v) for s, v in zip(seeds, [2.0, 1.5, 3.0, -0.5, 2.5])}
+    sft = {s: float(v) for s, v in zip(seeds, rng.normal(30, 3, 5))}
+    for name, scores in (("sft", sft), ("rkl", rkl), ("todi", todi)):
+        _fake_results(tmp_path / name, name, {"dolly": scores})
+    out = tmp_path / "merged"
+    folders = [str(tmp_path / n) for n in ("sft", "rkl", "todi")]
+    assert main(["eval", "--compare", *folders, "--out", str(out)]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    assert merged["paired"]["reference"] == "todi"  # a model named todi is the default reference
+    by_name = {c["name"]: c for c in merged["paired"]["comparisons"]}
+    assert set(by_name) == {"sft", "rkl"}
+    table = (out / "results.md").read_text()
+    for name, scores in (("sft", sft), ("rkl", rkl)):
+        ref = _numpy_paired([scores[s] for s in seeds], [todi[s] for s in seeds])
+        got = by_name[name]
+        assert got["mean"] == pytest.approx(ref["mean"], abs=1e-9)
+        assert (got["low"], got["high"]) == pytest.approx((ref["low"], ref["high"]), abs=1e-9)
+        assert (got["wins"], got["losses"]) == (ref["wins"], ref["losses"])
+        assert got["sign_p"] == pytest.approx(ref["p"])
+        assert f"| {name} − todi | {ref['mean']:+.1f} | {ref['low']:+.1f}..{ref['high']:+.1f} |" in table
+    # rkl trails todi by 1.7 on average with 4 of 5 seeds; the interval's side decides the sentence.
+    ref = _numpy_paired([rkl[s] for s in seeds], [todi[s] for s in seeds])
+    expected = "todi beats rkl" if ref["high"] < 0 else "no difference detected between rkl and todi"
+    assert expected in table
+
+    # --reference names another model; one that was not compared is refused by name.
+    out2 = tmp_path / "merged2"
+    assert main(["eval", "--compare", *folders, "--out", str(out2), "--reference", "sft"]) == 0
+    paired = json.loads((out2 / "results.json").read_text())["paired"]
+    assert paired["reference"] == "sft" and {c["name"] for c in paired["comparisons"]} == {"rkl", "todi"}
+    assert main(["eval", "--compare", *folders, "--out", str(tmp_path / "m3"), "--reference", "akl"]) == 2
+
+
+def test_reference_defaults_to_the_first_model_without_todi(tmp_path) -> None:
+    from todi import report
+
+    scores = {"b": {"d": {1: 3.0, 2: 5.0}}, "a": {"d": {1: 1.0, 2: 4.0}}}
+    results = {"datasets": ["d"], "models": report.summarize(scores, ["d"])}
+    paired = report.paired_comparisons(results)
+    assert paired["reference"] == "b"
+    assert paired["comparisons"][0]["mean"] == pytest.approx(((1.0 - 3.0) + (4.0 - 5.0)) / 2)
+    one = {"datasets": ["d"], "models": report.summarize({"a": scores["a"]}, ["d"])}
+    assert report.paired_comparisons(one) is None
+
+
+def test_reference_must_be_an_evaluated_model() -> None:
+    from todi.errors import UsageError
+
+    with pytest.raises(UsageError, match="--reference 'todi' is not one of the evaluated models"):
+        evaluation.Config(out="x", model=["runs/a/final", "runs/b/final"], name=["a", "b"], reference="todi")

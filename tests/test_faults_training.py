@@ -293,6 +293,7 @@ def run2(tmp_path, w) -> Path:
         (["--kd-rate", "0.7"], "kd_rate 0.5 -> 0.7"),
         (["--temperature", "1.0"], "temperature 2.0 -> 1.0"),
         (["--beta", "2"], "beta None -> 2.0"),
+        (["--todi-weight", "hard"], "todi_weight None -> 'hard'"),
     ],
 )
 def test_resume_with_changed_settings_is_refused_unless_asked(run2, w, capsys, change, listed):

@@ -95,3 +95,9 @@ def test_markdown_table_has_one_row_per_comparison():
     assert (
         table.count("\n") == 3 and "| a − r |" in table and "no difference detected between b and r" in table
     )
+
+
+def test_one_pair_never_detects_a_difference():
+    d = paired_difference([31.0], [28.0], name="a", reference="r")
+    assert (d.mean, d.low, d.high) == (3.0, 3.0, 3.0)
+    assert not d.detected and d.sentence().startswith("no difference detected between a and r")

@@ -16,6 +16,7 @@ initial and the final ToDi student (early vs late).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -88,6 +89,31 @@ def per_position_shares(
 
 def fmt(cell: dict) -> str:
     return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+
+
+def paired_section(models: dict, students: list[str]) -> str:
+    """Each objective's average ROUGE-L minus ToDi's, paired by sampling seed (todi.report.paired_comparisons:
+    mean, 95% bootstrap interval, sign test), as a Markdown section; empty without ToDi."""
+    from todi.report import paired_comparisons
+    from todi.stats import PairedDifference, markdown_paired_table
+
+    if "todi" not in students:
+        return ""
+    paired = paired_comparisons({"models": {m: models[m] for m in students}}, "todi")
+    if not paired or not paired["comparisons"]:
+        return ""
+    diffs = [
+        dataclasses.replace(
+            PairedDifference.from_dict(c), name=NAMES.get(c["name"], c["name"]), reference="ToDi"
+        )
+        for c in paired["comparisons"]
+    ]
+    return (
+        "**Paired differences to ToDi** (each objective's average ROUGE-L minus ToDi's, per sampling seed; "
+        "src/todi/stats.py). The pairs are sampling seeds of one trained student each, so the intervals cover "
+        "sampling noise only, not the larger variation between training runs.\n\n"
+        + markdown_paired_table(diffs, digits=2)
+    )
 
 
 def main() -> None:
@@ -181,6 +207,7 @@ def main() -> None:
         + ", ".join(f"{p:+.2f}" for p in paired)
         + "."
     )
+    paired_text = paired_section(models, students)
     averages = [models[m]["average"]["mean"] for m in students]
     low, high = min(averages), max(averages)
     teacher_text = (
@@ -287,6 +314,8 @@ from that run's files. The exact `todi` commands are in the run folder's `comman
 **Does ToDi win?** {verdict}
 All {len(students)} students lie between {low:.2f} and {high:.2f} ({high - low:.2f} points apart){teacher_text}.
 {("Against SFT, average ROUGE-L differences: " + ", ".join(f"{NAMES[m]} {v:+.2f}" for m, v in sft_gap.items()) + ".") if sft_gap else ""}
+
+{paired_text}
 
 How far training got: cross-entropy per response token on the first {min(ANALYSIS_EXAMPLES, cache["examples"])}
 training examples is {teacher_ce:.2f} for the teacher, {early_ce:.2f} for the initial 6-layer student and

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from todi import demo_tasks
+from todi.stats import PairedDifference, markdown_paired_table, paired_difference
 
 
 def _plt() -> Any:
@@ -159,6 +160,21 @@ def plot_todi_weights(stats: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def paired_rouge(results: dict[str, dict[str, Any]], reference: str = "todi") -> list[PairedDifference]:
+    """Every student objective's held-out ROUGE-L minus ``reference``'s, training seed by training seed
+    (``rougeL_per_run`` lists the seeds in the same order for every objective); empty without the
+    reference or with fewer than two seeds."""
+    if reference not in results or len(results[reference].get("rougeL_per_run", [])) < 2:
+        return []
+    return [
+        paired_difference(
+            r["rougeL_per_run"], results[reference]["rougeL_per_run"], name=name, reference=reference
+        )
+        for name, r in results.items()
+        if name not in ("teacher", reference)
+    ]
+
+
 def write_report(out: Path, *, results: dict[str, dict[str, float]], runs: Path, teacher: Path,
                  student: Path | None, test: Path, profile: dict[str, Any], elapsed: float,
                  teacher_seconds: float, quick: bool) -> Path:  # fmt: skip
@@ -201,6 +217,15 @@ def write_report(out: Path, *, results: dict[str, dict[str, float]], runs: Path,
                     f"seed(s) and {profile['test_examples']} test examples, differences within the ± spread "
                     "are noise."
                 )
+    paired = paired_rouge(results)
+    paired_text = ""
+    if paired:
+        paired_text = (
+            "Paired differences to ToDi (held-out ROUGE-L per training seed, the objective's minus ToDi's; mean "
+            "with a 95% bootstrap interval over the seeds and the sign test, src/todi/stats.py):\n\n"
+            + markdown_paired_table(paired)
+            + "\n"
+        )
     fit_rows = []
     fitted = {n: r["fit"] for n, r in results.items() if "fit" in r}
     if fitted:
@@ -259,6 +284,8 @@ seeds for the teacher{" and for single-seed students" if len(profile["student_se
 
 {chr(10).join(lines)}
 
+{paired_text}
+
 {onpolicy_text(results)}
 
 ![ROUGE-L](rougeL.png)
@@ -273,7 +300,15 @@ Total wall time {elapsed / 60:.1f} min on {platform.processor() or platform.mach
     path = out / "report.md"
     path.write_text(text, encoding="utf-8")
     (out / "results.json").write_text(
-        json.dumps({"results": results, "profile": profile, "elapsed_s": elapsed}, indent=2)
+        json.dumps(
+            {
+                "results": results,
+                "paired_vs_todi": [d.as_dict() for d in paired],
+                "profile": profile,
+                "elapsed_s": elapsed,
+            },
+            indent=2,
+        )
     )
     return path
 

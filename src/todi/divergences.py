@@ -38,6 +38,7 @@ from todi.errors import NonFiniteError
 __all__ = [
     "DIVERGENCES",
     "LOG_FLOOR",
+    "TODI_WEIGHTS",
     "Divergence",
     "check_teacher_logits",
     "divergence",
@@ -56,6 +57,9 @@ LOG_FLOOR = -1.0e4
 
 DivergenceFn = Callable[..., Tensor]
 
+# ToDi's weight rules (the ``weight`` parameter of "todi"); see :func:`token_wise`.
+TODI_WEIGHTS: tuple[str, ...] = ("sigmoid", "hard", "constant", "inverse")
+
 
 @dataclass(frozen=True, eq=False)  # identity equality: entries are singletons, usable as cache keys
 class Divergence:
@@ -63,15 +67,17 @@ class Divergence:
 
     name: str
     fn: DivergenceFn
-    params: dict[str, float] = field(default_factory=dict)
+    params: dict[str, float | str] = field(default_factory=dict)
     summary: str = ""
+    # The parameters that take a word, not a number, and the words they accept.
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Optional closed form (student_logp, teacher_logp, **params) -> (value [...], d value / d s [..., V]),
     # s being the temperature-scaled student logits; lets the fused loss skip autograd.
     value_and_grad: Callable[..., tuple[Tensor, Tensor]] | None = None
     # The divergence's own check of resolved parameters (a plugin's): raises ValueError naming the problem.
     check: Callable[[dict[str, float]], None] | None = None
 
-    def resolve(self, params: dict[str, Any]) -> dict[str, float]:
+    def resolve(self, params: dict[str, Any]) -> dict[str, float | str]:
         """Defaults overlaid with ``params``; unknown names and out-of-range values raise ValueError."""
         unknown = sorted(set(params) - set(self.params))
         if unknown:
@@ -80,8 +86,17 @@ class Divergence:
                 f"divergence {self.name!r} takes no parameter {', '.join(map(repr, unknown))}; "
                 f"accepted parameters: {accepted}"
             )
-        resolved = {**self.params, **{k: float(v) for k, v in params.items()}}
+        words = {k: v for k, v in params.items() if k in self.choices}
+        for name, value in words.items():
+            if value not in self.choices[name]:
+                raise ValueError(
+                    f"divergence {self.name!r}: {name}={value!r} is not one of {', '.join(self.choices[name])}"
+                )
+        numbers = {k: float(v) for k, v in params.items() if k not in self.choices}
+        resolved = {**self.params, **numbers, **words}
         for name, value in resolved.items():
+            if name in self.choices:
+                continue
             if name in ("skew", "mu") and not 0.0 <= value <= 1.0:
                 raise ValueError(f"divergence {self.name!r}: {name}={value} must lie in [0, 1]")
             if name == "beta" and not value >= 0.0:
@@ -102,12 +117,14 @@ _REGISTRY: dict[str, Divergence] = {}
 
 def register_divergence(
     name: str,
-    params: dict[str, float] | None = None,
+    params: dict[str, float | str] | None = None,
     summary: str = "",
+    choices: dict[str, tuple[str, ...]] | None = None,
     *,
     check: Callable[[dict[str, float]], None] | None = None,
 ) -> Callable[[DivergenceFn], DivergenceFn]:
-    """Decorator adding ``fn(student_logp, teacher_logp, **params)`` to the registry under ``name``.
+    """Decorator adding ``fn(student_logp, teacher_logp, **params)`` to the registry under ``name``;
+    ``choices`` names the parameters that take one of a few words (their default is in ``params``).
 
     ``check(params)`` (optional) validates the resolved parameters and raises ValueError saying what is
     wrong; ``todi distill --loss-params`` reports it as an option error before anything loads."""
@@ -116,7 +133,9 @@ def register_divergence(
         if name in _REGISTRY:
             raise ValueError(f"divergence {name!r} is already registered")
         summary_text = summary or (fn.__doc__ or "").strip()
-        _REGISTRY[name] = Divergence(name, fn, dict(params or {}), summary_text, check=check)
+        _REGISTRY[name] = Divergence(
+            name, fn, dict(params or {}), summary_text, choices=dict(choices or {}), check=check
+        )
         return fn
 
     return add
@@ -233,7 +252,12 @@ def masked_log_probs(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def divergence(
-    name: str, student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, **params: float
+    name: str,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    **params: float | str,
 ) -> Tensor:
     """Divergence ``name`` per position between softmax(teacher/T) and softmax(student/T).
 
@@ -241,7 +265,8 @@ def divergence(
         name: one of :data:`DIVERGENCES`.
         student_logits, teacher_logits: ``[..., V]`` logits of any float dtype.
         temperature: divides both logit sets before the softmax (no T^2 factor).
-        params: the divergence's parameters (``skew`` for skl/srkl, ``mu`` for akl, ``beta`` for todi).
+        params: the divergence's parameters (``skew`` for skl/srkl, ``mu`` for akl, ``beta`` and
+            ``weight`` for todi).
 
     Returns:
         ``[...]`` tensor in float32 (float64 for float64 input), differentiable w.r.t. both inputs.
@@ -321,38 +346,76 @@ def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, mu: float = 0.5) -> 
 
 @register_divergence(
     "todi",
-    params={"beta": 1.0},
+    params={"beta": 1.0, "weight": "sigmoid"},
+    choices={"weight": TODI_WEIGHTS},
     summary="token-wise distillation: sum a p log(p/q) + (1 - a) q log(q/p), a = sg(sigmoid(beta log(p/q)))",
 )
-def token_wise(student_logp: Tensor, teacher_logp: Tensor, beta: float = 1.0) -> Tensor:
+def token_wise(
+    student_logp: Tensor, teacher_logp: Tensor, beta: float = 1.0, weight: str = "sigmoid"
+) -> Tensor:
+    """ToDi: sum_v a_v p_v (log p_v - log q_v) + (1 - a_v) q_v (log q_v - log p_v), a detached.
+
+    ``weight`` says how a is formed from d = log p - log q (the paper's ablations):
+
+    * ``sigmoid`` (default, the paper's): a = sigmoid(beta d); beta = 0 gives a = 1/2.
+    * ``hard``: a = 1 where p > q, else 0 (a tie p == q goes to RKL; there d = 0, so the tie adds 0 to
+      the value, and only its gradient depends on the choice). Beta is ignored.
+    * ``constant``: a = 1/2 for every token, the token-blind mix (FKL + RKL) / 2. Beta is ignored.
+    * ``inverse``: a = sigmoid(beta (log q - log p)), the routing reversed: a control. Its per-token term
+      (a p - (1 - a) q) d is q (e^((1 - beta) d) - 1) d (1 - a): >= 0 for beta < 1, identically 0 at
+      beta = 1 (where only the gradient, through the detached a, is left) and <= 0 for beta > 1, so it
+      is not a divergence.
+    """
     log_ratio = teacher_logp - student_logp
-    a = torch.sigmoid(beta * log_ratio).detach()
+    a = _todi_a(log_ratio, beta, weight)
     p, q = teacher_logp.exp(), student_logp.exp()
     # a p (log p - log q) + (1 - a) q (log q - log p) == (a p - (1 - a) q) (log p - log q)
     return ((a * p - (1.0 - a) * q) * log_ratio).sum(-1)
 
 
-def todi_weight(student_logp: Tensor, teacher_logp: Tensor, beta: float = 1.0) -> Tensor:
+def _todi_a(log_ratio: Tensor, beta: float, weight: str) -> Tensor:
+    """ToDi's detached weight a from d = log p - log q under rule ``weight`` (see :func:`token_wise`)."""
+    if weight == "sigmoid":
+        return torch.sigmoid(beta * log_ratio).detach()
+    if weight == "hard":
+        return (log_ratio > 0).to(log_ratio.dtype).detach()
+    if weight == "constant":
+        return torch.full_like(log_ratio, 0.5).detach()
+    if weight == "inverse":
+        return torch.sigmoid(-beta * log_ratio).detach()
+    raise ValueError(f"unknown ToDi weight rule {weight!r}; choose one of {', '.join(TODI_WEIGHTS)}")
+
+
+def todi_weight(
+    student_logp: Tensor, teacher_logp: Tensor, beta: float = 1.0, weight: str = "sigmoid"
+) -> Tensor:
     """Per position, the share of ToDi acting as FKL: sum_v a_v c_v / sum_v c_v (detached).
 
     c_v = (a_v p_v - (1 - a_v) q_v) log(p_v / q_v) >= 0 is item v's contribution to the ToDi value, so
     this is the weight a averaged where the divergence actually is: 1 = all of it routed to FKL (the
     student underestimates), 0 = all routed to RKL. A plain mean of a over the vocabulary is dominated
     by the near-zero tail, and a mass-weighted mean is identically 1/2 at beta = 1. Positions with
-    p == q give 1/2."""
+    p == q give 1/2. ``weight`` is the rule forming a (see :func:`token_wise`). Under ``inverse`` every c_v
+    has the sign of 1 - beta, so the share is the same ratio of two negative sums for beta > 1; at beta = 1
+    every c_v is 0 (rounding aside) and the share is 1/2."""
     with torch.no_grad():
         log_ratio = teacher_logp - student_logp
         p, q = teacher_logp.exp(), student_logp.exp()
-        if beta == 1.0:  # a = p / (p + q) needs no exp, and then c = (p - q) log(p / q)
+        if weight == "inverse" and beta == 1.0:
+            return torch.full_like(log_ratio[..., 0], 0.5)
+        if (
+            weight == "sigmoid" and beta == 1.0
+        ):  # a = p / (p + q) needs no exp, and then c = (p - q) log(p / q)
             both = p + q
             a = torch.where(both > 0, p / torch.where(both > 0, both, torch.ones_like(both)), 0.5)
             contribution = (p - q) * log_ratio
         else:
-            a = torch.sigmoid(beta * log_ratio)
+            a = _todi_a(log_ratio, beta, weight)
             contribution = (a * p - (1.0 - a) * q) * log_ratio
         total = contribution.sum(-1)
-        share = (a * contribution).sum(-1) / torch.where(total > 0, total, torch.ones_like(total))
-        return torch.where(total > 0, share, torch.full_like(total, 0.5))
+        some = total != 0 if weight == "inverse" else total > 0
+        share = (a * contribution).sum(-1) / torch.where(some, total, torch.ones_like(total))
+        return torch.where(some, share, torch.full_like(total, 0.5))
 
 
 # Closed-form gradients w.r.t. the scaled student logits s (q = softmax(s)); the tests check each one
@@ -375,19 +438,19 @@ def _reverse_kl_value_and_grad(student_logp: Tensor, teacher_logp: Tensor) -> tu
 
 @register_gradient("todi")
 def _token_wise_value_and_grad(
-    student_logp: Tensor, teacher_logp: Tensor, beta: float = 1.0
+    student_logp: Tensor, teacher_logp: Tensor, beta: float = 1.0, weight: str = "sigmoid"
 ) -> tuple[Tensor, Tensor]:
-    # With d = log p - log q, a held constant, r = (1 - a) q and w = a p - r:
+    # With d = log p - log q, a held constant (any rule), r = (1 - a) q and w = a p - r:
     # D = sum w d and dD/ds = r (1 - d) - a p + q (sum r d + sum w).
     log_ratio = teacher_logp - student_logp
     p, q = teacher_logp.exp(), student_logp.exp()
-    if beta == 1.0:
+    if weight == "sigmoid" and beta == 1.0:
         # a = p / (p + q) needs no exp, and then w = p - q, whose sum is 0: two terms fewer per item.
         ap, r = _ratio_weighted(p, q)
         value = ((p - q) * log_ratio).sum(-1)
         total = (r * log_ratio).sum(-1)
     else:
-        a = torch.sigmoid(beta * log_ratio)
+        a = _todi_a(log_ratio, beta, weight)
         ap, r = a * p, (1.0 - a) * q
         w = ap - r
         value = (w * log_ratio).sum(-1)

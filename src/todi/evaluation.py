@@ -439,6 +439,11 @@ class Config:
         action=_Repeatable,
     )
     trust_remote_code: bool = option(False, "allow model code from the model folder/Hub")
+    reference: str | None = option(
+        None,
+        "with several models: the one every other is compared with, sampling seed by sampling seed "
+        "(default: the model named todi if there is one, else the first)",
+    )
 
     def __post_init__(self) -> None:
         # A --config YAML file may give a single model (or folder to compare) as a plain string.
@@ -468,7 +473,12 @@ class Config:
         check_template(self.template)
         parse_columns(self.columns)
         parse_seeds(self.seeds)
-        _model_names(self)
+        names = _model_names(self)
+        if self.reference is not None and self.reference not in names:
+            raise UsageError(
+                f"--reference {self.reference!r} is not one of the evaluated models ({', '.join(names)})",
+                "give --reference one of the --name values (or the default names listed)",
+            )
 
     def generation_settings(self) -> GenerationSettings:
         return GenerationSettings(
@@ -807,6 +817,7 @@ def _evaluate_models(config: Config) -> None:
                 scores, list(datasets), n_examples=n_examples, paths=dict(zip(names, config.model))
             ),
         }
+        results["paired"] = report.paired_comparisons(results, config.reference)
         report.write_report(results, out)
     print(report.markdown_table(results))
 
@@ -824,6 +835,7 @@ def run(config: Config) -> None:
         inputs = _numbered("--compare", config.compare)
         with OutputFolder(config.out, "eval", inputs=inputs).claim(reuse=True) as folder:
             results = report.merge_results(config.compare)
+            results["paired"] = report.paired_comparisons(results, config.reference)
             folder.replace_old()
             report.write_report(results, Path(config.out))
         print(report.markdown_table(results))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from todi.errors import UsageError
+from todi.stats import PairedDifference, markdown_paired_table, paired_by_key
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,49 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     counts = _example_counts(results)
     if counts:
         note += " Examples: " + ", ".join(f"{d} {n}" for d, n in counts.items()) + "."
-    return "\n".join(["# ROUGE-L", "", *lines, "", note, ""])
+    return "\n".join(["# ROUGE-L", "", *lines, "", note, "", *_paired_section(results.get("paired"))])
+
+
+def paired_comparisons(results: Mapping[str, Any], reference: str | None = None) -> dict[str, Any] | None:
+    """Every model's average ROUGE-L minus the ``reference`` model's, sampling seed by sampling seed
+    (:mod:`todi.stats`), for the models that have an average and share at least two seeds with it.
+
+    ``reference`` defaults to a model named ``todi`` if there is one, else the first model. None when
+    fewer than two models have an average.
+    """
+    averages = {m: e[AVERAGE]["seeds"] for m, e in results["models"].items() if e.get(AVERAGE)}
+    if reference is not None and reference not in averages:
+        raise UsageError(
+            f"--reference {reference!r} is not a compared model with an average over all data sets "
+            f"(those are: {', '.join(averages) or 'none'})",
+            "give --reference one of those names (the --name of a model)",
+        )
+    if len(averages) < 2:
+        return None
+    ref = reference or ("todi" if "todi" in averages else next(iter(averages)))
+    comparisons = [
+        paired_by_key(seeds, averages[ref], name=model, reference=ref).as_dict()
+        for model, seeds in averages.items()
+        if model != ref and len(set(seeds) & set(averages[ref])) >= 2
+    ]
+    return {"reference": ref, "pairs": "sampling seeds", "comparisons": comparisons}
+
+
+def _paired_section(paired: Mapping[str, Any] | None) -> list[str]:
+    if not paired or not paired["comparisons"]:
+        return []
+    diffs = [PairedDifference.from_dict(c) for c in paired["comparisons"]]
+    return [
+        f"## Paired differences to {paired['reference']}",
+        "",
+        "Average ROUGE-L of each model minus the reference's, paired by sampling seed (same seed, same "
+        "examples): mean with a 95% bootstrap interval and the sign test (src/todi/stats.py). The pairs are "
+        "sampling seeds of one trained model each, so the interval covers sampling noise, not training "
+        "noise.",
+        "",
+        markdown_paired_table(diffs),
+        "",
+    ]
 
 
 def _example_counts(results: Mapping[str, Any]) -> dict[str, int]:

@@ -137,6 +137,7 @@ CHANGED_ON_PURPOSE = frozenset(
         "skew",
         "mu",
         "loss_params",
+        "todi_weight",
         # on-policy (todi.onpolicy): which responses the steps learn from
         "lmbda",
         "seq_kd",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -72,8 +72,9 @@ class PairedDifference:
 
     @property
     def detected(self) -> bool:
-        """Whether the interval excludes zero (a difference the pairs can tell apart)."""
-        return self.low > 0.0 or self.high < 0.0
+        """Whether the interval excludes zero (a difference the pairs can tell apart); never from one pair,
+        whose interval has zero width whatever the noise."""
+        return self.n >= 2 and (self.low > 0.0 or self.high < 0.0)
 
     def sentence(self, digits: int = 1) -> str:
         """The comparison in words, e.g. "ToDi beats RKL by +2.3 (95% CI +0.4..+4.1; 9 of 10 seeds)"."""
@@ -109,6 +110,11 @@ class PairedDifference:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "detected": self.detected, "sentence": self.sentence()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PairedDifference:
+        """The inverse of :meth:`as_dict` (its derived keys are recomputed, not read)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
 def paired_difference(

@@ -333,6 +333,7 @@ class TrainConfig(abc.ABC):
             "beta",
             "skew",
             "mu",
+            "todi_weight",
             "loss_params",
             "plugin",
             "cross_tokenizer",
@@ -552,6 +553,11 @@ class DistillConfig(TrainConfig):
     kd_rate: float = option(0.5, "weight of the divergence; 1 - kd_rate weighs the cross-entropy")
     temperature: float = option(2.0, "temperature of both distributions inside the divergence")
     beta: float | None = option(None, "ToDi: sharpness of the FKL/RKL weight (default 1.0)")
+    todi_weight: Literal["sigmoid", "hard", "constant", "inverse"] | None = option(
+        None,
+        "ToDi: how the FKL weight a is formed from log p/q: sigmoid = sigmoid(beta log p/q) (default, the "
+        "paper's); hard = 1 where p > q else 0; constant = 1/2; inverse = sigmoid(beta log q/p), a control",
+    )
     skew: float | None = option(None, "skl / srkl: mixing weight (default 0.1)")
     mu: float | None = option(None, "akl: head/tail threshold (default 0.5)")
     loss_params: str | None = option(
@@ -631,9 +637,11 @@ class DistillConfig(TrainConfig):
             **super().inputs(),
         }
 
-    def divergence_params(self) -> dict[str, float]:
+    def divergence_params(self) -> dict[str, float | str]:
+        # option name -> the divergence's parameter name
+        names = {"beta": "beta", "skew": "skew", "mu": "mu", "todi_weight": "weight"}
         named = {
-            name: getattr(self, name) for name in ("beta", "skew", "mu") if getattr(self, name) is not None
+            param: getattr(self, name) for name, param in names.items() if getattr(self, name) is not None
         }
         return named | parse_params(self.loss_params)
 
@@ -664,6 +672,8 @@ class DistillConfig(TrainConfig):
         if self.loss_backend == "triton" and (self.loss == "akl" or self.teacher_cache):
             what = "--teacher-cache" if self.teacher_cache else "--loss akl"
             out.append(f"--loss-backend triton does not serve {what}; use --loss-backend auto or torch")
+        if self.todi_weight is not None and self.loss != "todi":
+            out.append(f"--todi-weight applies to --loss todi, not --loss {self.loss}")
         return out + self._loss_problems() + self._policy_problems() + super().problems()
 
     def _loss_problems(self) -> list[str]:

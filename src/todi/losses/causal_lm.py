@@ -110,7 +110,7 @@ def causal_lm_distillation_loss(
     vocab_size: int | None = None,
     compile: bool | None = None,
     backend: str = "auto",
-    **params: float,
+    **params: float | str,
 ) -> LossOutput:
     """Run both models on ``batch`` and return the distillation objective.
 

@@ -87,7 +87,7 @@ class _Objective:
     """What the loss computes: ``(1 - kd_rate) CE + kd_rate divergence`` at ``temperature``."""
 
     divergence: Divergence
-    params: tuple[tuple[str, float], ...]  # the divergence's resolved parameters, sorted (hashable)
+    params: tuple[tuple[str, float | str], ...]  # the divergence's resolved parameters, sorted (hashable)
     kd_rate: float
     temperature: float
 
@@ -310,7 +310,7 @@ def _chunk_kernel(
         ls, lt = scaled_log_probs(z)
         kd, grad_kd = divergence.fn(ls, lt, **params).sum(), None
     if divergence.name == "todi":
-        fkl_share = todi_weight(ls, lt, params["beta"]).sum()
+        fkl_share = todi_weight(ls, lt, params["beta"], params["weight"]).sum()
     if grad_kd is not None:
         grad = grad_kd if grad is None else grad + grad_kd
     return ce, kd.detach(), fkl_share, grad
@@ -358,7 +358,9 @@ def _sparse_chunk_kernel(
         grad = grad_kd if grad is None else grad + grad_kd
     else:
         kd, (ls, lt) = kd_of(student_bucket)
-    fkl_share = todi_weight(ls, lt, params["beta"]).sum() if divergence.name == "todi" else z.new_zeros(())
+    fkl_share = z.new_zeros(())
+    if divergence.name == "todi":
+        fkl_share = todi_weight(ls, lt, params["beta"], params["weight"]).sum()
     return ce, kd.detach(), fkl_share, grad
 
 
@@ -516,7 +518,7 @@ def fused_linear_distillation_loss(
     compile: bool | None = None,
     sparse_teacher: SparseTeacher | None = None,
     backend: str = "auto",
-    **params: float,
+    **params: float | str,
 ) -> LossOutput:
     """Same result as :func:`todi.losses.distillation_loss` on ``hidden @ weight.T (+ bias)`` logits,
     without materialising the ``[N, V]`` logits of either model.
@@ -588,7 +590,13 @@ def fused_linear_distillation_loss(
         teacher = _NoTeacher()
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
-    backend = resolve_backend(backend, student_hidden.device, registered.name, teacher.form)
+    # The kernel implements ToDi's sigmoid weight only; the ablation rules (--todi-weight) stay on torch.
+    kernel_case = (
+        registered.name
+        if resolved.get("weight", "sigmoid") == "sigmoid"
+        else f"{registered.name} weight={resolved['weight']}"
+    )
+    backend = resolve_backend(backend, student_hidden.device, kernel_case, teacher.form)
     if chunk_size:
         chunk = chunk_size
     elif backend == "triton":
@@ -638,7 +646,7 @@ class FusedLinearDistillationLoss(nn.Module):
         chunk_size: int | None = None,
         compile: bool | None = None,
         backend: str = "auto",
-        **params: float,
+        **params: float | str,
     ) -> None:
         super().__init__()
         check_objective(kd_rate, temperature)

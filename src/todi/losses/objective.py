@@ -105,7 +105,7 @@ def distillation_loss(
     temperature: float = 2.0,
     ignore_index: int = -100,
     num_items_in_batch: int | Tensor | None = None,
-    **params: float,
+    **params: float | str,
 ) -> LossOutput:
     """``(1 - kd_rate) * CE + kd_rate * KD`` over the supervised positions.
 
@@ -158,7 +158,8 @@ def distillation_loss(
         per_position = registered.fn(ls, lt, **resolved)
         kd_sum = per_position.sum()
         if divergence == "todi":
-            fkl_share = todi_weight(ls, lt, resolved["beta"]).sum() / num_tokens.clamp_min(1)
+            share = todi_weight(ls, lt, resolved["beta"], resolved["weight"])
+            fkl_share = share.sum() / num_tokens.clamp_min(1)
     loss = ((1.0 - kd_rate) * ce_sum + kd_rate * kd_sum) / denom
     return LossOutput(
         loss=loss,
