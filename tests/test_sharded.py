@@ -212,3 +212,23 @@ def test_fsdp2_resume_after_a_kill_equals_the_plain_run(assets, plain):
     assert_whole_head(record, assets["student"])
     assert_same_weights(out / "final", plain / "final")
     loads_with_from_pretrained(out / "final", out / "final")
+
+
+@pytest.mark.parametrize(
+    "config", ["fsdp2.yaml", pytest.param("zero3.yaml", marks=needs_deepspeed)], ids=["fsdp2", "zero3"]
+)
+def test_sharded_on_policy_distill_equals_the_plain_run(assets, config):
+    """``--lmbda 1``: under FSDP2 / ZeRO-3 the student samples through the wrapped model's forward with
+    ``synced_gpus`` (todi.onpolicy), so the engines gather its parameters; the samples and the update must
+    be the plain run's."""
+    name = config.removesuffix(".yaml")
+    extra = ("--lmbda", "1", "--save-samples", "--gen-max-new-tokens", "8")
+    runs = {}
+    for label, launch_config in (("plain", None), (name, config)):
+        out = assets["root"] / f"onpolicy-{label}"
+        launch(launch_config, assets["root"] / f"onpolicy-{label}.json", distill_args(assets, out, *extra))
+        runs[label] = out
+    samples = {label: (out / "samples.jsonl").read_text().splitlines() for label, out in runs.items()}
+    assert len(samples["plain"]) == STEPS * 4, "every step of the plain run should have sampled 4 responses"
+    assert samples[name] == samples["plain"], "the sharded student sampled other responses"
+    assert_same_weights(runs[name] / "final", runs["plain"] / "final")
