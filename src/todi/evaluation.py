@@ -164,22 +164,34 @@ def left_pad(
     return input_ids.to(device), attention_mask.to(device)
 
 
+def continue_prompts(
+    generate: Callable[..., torch.Tensor],
+    prompts: Sequence[list[int]],
+    eos: Sequence[int] | torch.Tensor,
+    *,
+    device: torch.device,
+    **kwargs: Any,
+) -> list[list[int]]:
+    """One left-padded ``generate(**kwargs)`` call continuing each prompt (token ids): each row's new ids up
+    to and including its first id in ``eos``. ``kwargs`` hold ``pad_token_id``; the caller holds the RNG
+    and the grad / inference mode."""
+    input_ids, attention_mask = left_pad(prompts, kwargs["pad_token_id"], device)
+    output = generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    new = output[:, input_ids.shape[1] :]
+    # An answer ends at its first EOS (inclusive); what follows is padding of finished rows.
+    is_eos = torch.isin(new, torch.as_tensor(eos, device=new.device))
+    lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1]).tolist()
+    return [ids[:n] for ids, n in zip(new.tolist(), lengths)]
+
+
 def complete_batch(
     model: Any, tokenizer: Any, prompts: Sequence[list[int]], kwargs: dict[str, Any], eos: torch.Tensor
 ) -> tuple[list[str], int]:
-    """One left-padded ``generate`` call continuing each prompt (token ids): each row's text up to its first
-    EOS id in ``eos``, stripped, and the number of new tokens. ``kwargs`` go to ``generate`` (pad id
-    included); the caller holds the RNG and inference mode."""
-    input_ids, attention_mask = left_pad(prompts, kwargs["pad_token_id"], _model_device(model))
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    new = output[:, input_ids.shape[1] :]
-    # An answer ends at its first EOS (inclusive); what follows is padding of finished rows.
-    is_eos = torch.isin(new, eos)
-    lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1]).tolist()
-    texts = tokenizer.batch_decode(
-        [ids[:n] for ids, n in zip(new.tolist(), lengths)], skip_special_tokens=True
-    )
-    return [text.strip() for text in texts], sum(lengths)
+    """:func:`continue_prompts` with ``model.generate``, decoded: each row's text up to its first EOS,
+    stripped, and the number of new tokens."""
+    answers = continue_prompts(model.generate, prompts, eos, device=_model_device(model), **kwargs)
+    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+    return [text.strip() for text in texts], sum(map(len, answers))
 
 
 @contextmanager

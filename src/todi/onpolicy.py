@@ -135,12 +135,13 @@ def sample_responses(
 ) -> list[list[int]]:
     """One sampled response per prompt (up to and including its first EOS), through ``generate`` (a
     model's ``generate``): left-padded batch, KV cache, sampling seeded per row by ``seeds``."""
-    from todi.evaluation import left_pad
+    from todi.evaluation import continue_prompts
 
-    input_ids, attention_mask = left_pad(prompts, pad_id, device)
-    output = generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
+    return continue_prompts(
+        generate,
+        prompts,
+        list(eos_ids) or [-1],  # no EOS: every response runs to max_new_tokens
+        device=device,
         max_new_tokens=options.max_new_tokens,
         # Greedy over the processor's Gumbel-perturbed scores is the sampling; the model's own
         # generation config (repetition penalty, n-gram bans, sampling flags) must not change it.
@@ -157,12 +158,6 @@ def sample_responses(
         use_cache=True,
         synced_gpus=synced_gpus,
     )
-    new = output[:, input_ids.shape[1] :].tolist()
-    responses = []
-    for row in new:
-        end = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
-        responses.append(row[:end])  # what follows the first EOS is padding of a finished row
-    return responses
 
 
 class ReplayBuffer:
@@ -225,6 +220,14 @@ class StepBatches:
     stats: GeneratedStats = field(default_factory=GeneratedStats)
     samples: list[dict[str, Any]] = field(default_factory=list)  # this rank's new samples, for samples.jsonl
 
+    @classmethod
+    def of_data(
+        cls, micro_batches: Sequence[tuple[int, Sequence[int]]], examples: Sequence[Encoded], num_items: int
+    ) -> StepBatches:
+        """The data's own examples for (index in the step, example indices) micro-batches."""
+        batches = [[examples[i] for i in indices] for _, indices in micro_batches]
+        return cls(batches, "data", num_items, sum(len(e["input_ids"]) for b in batches for e in b), None)
+
 
 class ResponseSource:
     """Builds each step's batches: the data's examples, or responses sampled for their prompts."""
@@ -272,9 +275,7 @@ class ResponseSource:
         :func:`gather_objects`)."""
         kind = self.kind(step)
         if kind == "data":
-            batches = [[examples[i] for i in indices] for _, indices in micro_batches]
-            tokens = sum(len(e["input_ids"]) for b in batches for e in b)
-            return StepBatches(batches, kind, data_num_items, tokens, None)
+            return StepBatches.of_data(micro_batches, examples, data_num_items)
         started = time.perf_counter()
         stats = GeneratedStats(generated_steps=1.0)
         batches, fresh, samples = [], [], []

@@ -1363,10 +1363,7 @@ def _step_batches(
     micro_batches = list(enumerate(step))[rank::world]
     num_items = data.plan.supervised_tokens(step)
     if responses is None:
-        examples = [[data.train_set[i] for i in micro] for _, micro in micro_batches]
-        return StepBatches(
-            examples, "data", num_items, sum(len(e["input_ids"]) for b in examples for e in b), None
-        )
+        return StepBatches.of_data(micro_batches, data.train_set, num_items)
     from todi.onpolicy import gather_objects
 
     sharded = is_sharded(accelerator)
