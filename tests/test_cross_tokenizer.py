@@ -204,9 +204,24 @@ def test_vocab_map_cached_on_disk(gpt2, monkeypatch, tmp_path):
 
 
 def reference_loss(
-    s, targets, t, aligned, pairs, *, mode, divergence, kd_rate, T, uld_weight, denom, beta=1.0
+    s,
+    targets,
+    t,
+    aligned,
+    pairs,
+    *,
+    mode,
+    divergence,
+    kd_rate,
+    T,
+    uld_weight,
+    denom,
+    beta=1.0,
+    teacher_probs=False,
+    unaligned_ce=False,
 ):
-    """Float64 torch, written from the formulas (docs/cross_tokenizer.md)."""
+    """Float64 torch, written from the formulas (docs/cross_tokenizer.md). ``teacher_probs``: ``t`` holds the
+    teacher's probabilities at T (a cached teacher's), not its logits."""
     s, t = s.double(), t.double()
     ce = torch.nn.functional.cross_entropy(s, targets, reduction="sum")
     kd = s.new_zeros(())
@@ -223,7 +238,7 @@ def reference_loss(
 
     for row, r in enumerate(aligned.tolist()):
         q_all = torch.softmax(s[r] / T, -1)
-        p_all = torch.softmax(t[row] / T, -1)
+        p_all = t[row] if teacher_probs else torch.softmax(t[row] / T, -1)
         if mode == "uld":
             kd = kd + uld(q_all, p_all)
             continue
@@ -235,11 +250,23 @@ def reference_loss(
             a = torch.sigmoid(beta * (p.log() - q.log())).detach()
             value = (a * p * (p.log() - q.log()) + (1 - a) * q * (q.log() - p.log())).sum()
         kd = kd + value + uld_weight * uld(q_all[rest_s], p_all[rest_t])
+    if unaligned_ce:  # the data's token stands in for the teacher where no teacher row is aligned
+        for r in range(s.shape[0]):
+            if r not in aligned.tolist():
+                kd = kd + torch.nn.functional.cross_entropy(s[r : r + 1], targets[r : r + 1], reduction="sum")
     return ((1 - kd_rate) * ce + kd_rate * kd) / denom, ce / denom, kd / denom
 
 
-@pytest.mark.parametrize("mode, divergence", [("hybrid", "todi"), ("hybrid", "fkl"), ("uld", "todi")])
-def test_loss_matches_float64_formula(mode, divergence, one_intra_op_thread):
+@pytest.mark.parametrize(
+    "mode, divergence, unaligned",
+    [
+        ("hybrid", "todi", "skip"),
+        ("hybrid", "fkl", "skip"),
+        ("uld", "todi", "skip"),
+        ("hybrid", "todi", "ce"),
+    ],
+)
+def test_loss_matches_float64_formula(mode, divergence, unaligned, one_intra_op_thread):
     torch.manual_seed(0)
     s = (3 * torch.randn(9, 13)).requires_grad_()
     t = 3 * torch.randn(5, 11)
@@ -249,7 +276,7 @@ def test_loss_matches_float64_formula(mode, divergence, one_intra_op_thread):
     vocab = MatchedVocab.from_ids([a for a, _ in pairs], [b for _, b in pairs], 13, 11)
     options = dict(kd_rate=0.3, num_items_in_batch=20, temperature=2.0, uld_weight=0.7)
     out = cross_tokenizer_loss(
-        s, targets, t, aligned, mode=mode, vocab=vocab, divergence=divergence, **options
+        s, targets, t, aligned, mode=mode, vocab=vocab, divergence=divergence, unaligned=unaligned, **options
     )
     s64 = s.detach().double().requires_grad_()
     ref, ref_ce, ref_kd = reference_loss(
@@ -264,6 +291,7 @@ def test_loss_matches_float64_formula(mode, divergence, one_intra_op_thread):
         T=2.0,
         uld_weight=0.7,
         denom=20,
+        unaligned_ce=unaligned == "ce",
     )
     assert_rel(out.loss, ref, 1e-5, "loss")
     assert_rel(out.ce, ref_ce, 1e-5, "ce")
@@ -302,8 +330,8 @@ def test_identical_tokenizers_hybrid_is_plain_distillation(gpt2, divergence, one
             assert abs(float(out.todi_weight) - float(plain.todi_weight)) <= 1e-6
 
 
-@pytest.mark.parametrize("mode", ["hybrid", "uld"])
-def test_causal_lm_loss_vs_float64_from_both_models(gpt2, mode, one_intra_op_thread):
+@pytest.mark.parametrize("mode, unaligned", [("hybrid", "skip"), ("uld", "skip"), ("hybrid", "ce")])
+def test_causal_lm_loss_vs_float64_from_both_models(gpt2, mode, unaligned, one_intra_op_thread):
     chars = char_tokenizer()
     items = examples(4, seed=2)
     items[1] = Example(items[1].instruction, references=(items[1].output + " 😀 ok",))  # splits over 2 tokens
@@ -340,9 +368,10 @@ def test_causal_lm_loss_vs_float64_from_both_models(gpt2, mode, one_intra_op_thr
         T=2.0,
         uld_weight=0.7,
         denom=len(targets),
+        unaligned_ce=unaligned == "ce",
     )
     assert 0 < len(aligned) < len(targets)
-    options = {"divergence": "todi", "kd_rate": 0.5, "temperature": 2.0}
+    options = {"divergence": "todi", "kd_rate": 0.5, "temperature": 2.0, "unaligned": unaligned}
     for fused in (False, True):
         loss_fn = adapter.loss_fn(options, gpt2, len(gpt2), len(chars), chunk_size=16)
         with torch.no_grad():
@@ -455,12 +484,14 @@ def test_cli_errors_name_the_option(pair_dir, capsys, tmp_path):
         "uld",
         "--uld-weight",
         "-1",
+        "--cache-tail",
+        "bucket",
         "--out",
         tmp_path / "b",
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 2
-    assert "--cross-tokenizer applies to --teacher" in err[0] and "--uld-weight must be" in err[0]
+    assert code == 2 and len(err) == 2  # every problem at once, before anything loads
+    assert "--cache-tail bucket compares one tail bucket" in err[0] and "--uld-weight must be" in err[0]
     letters = pair_dir / "letters"
     assert (
         run_todi(
@@ -479,6 +510,82 @@ def test_cli_errors_name_the_option(pair_dir, capsys, tmp_path):
         )
         == 0
     )
+
+
+def cached_reference_probs(logits, k: int, T: float):
+    """Float64, from the formulas of a top-k cache (docs/cross_tokenizer.md, todi.losses.sparse): the k most
+    likely tokens keep p_v^(1/T) / Z, and the tail's tempered mass is spread evenly over its V - k tokens."""
+    p1 = torch.softmax(logits.double(), -1)
+    top = p1.topk(k, dim=-1).indices
+    powered = p1 ** (1 / T)
+    out = torch.empty_like(p1)
+    for r in range(p1.shape[0]):
+        z = powered[r].sum()
+        in_top = torch.zeros(p1.shape[1], dtype=torch.bool)
+        in_top[top[r]] = True
+        out[r] = powered[r] / z
+        if k < p1.shape[1]:
+            out[r, ~in_top] = powered[r, ~in_top].sum() / z / (p1.shape[1] - k)
+    return out
+
+
+@pytest.mark.parametrize("mode, k", [("hybrid", None), ("hybrid", 7), ("uld", 7)])
+def test_cached_teacher_rows_vs_float64(gpt2, mode, k, one_intra_op_thread):
+    """--teacher-cache with --cross-tokenizer: the cache's rows of the teacher's own supervised positions,
+    picked at the aligned ones through the batch's xtok_cache_row, against the float64 formula."""
+    from todi.losses.sparse import SparseTeacher
+
+    chars = char_tokenizer()
+    items = examples(4, seed=5)
+    items[2] = Example(items[2].instruction, references=(items[2].output + " 😀 ok",))  # splits over 2 tokens
+    adapter, batch = paired_batch(gpt2, chars, mode, items)
+    paired, _ = pair_examples(items, gpt2, chars, **LENGTHS)
+    student, teacher = llama(gpt2, 16, seed=3), llama(chars, 16, seed=4)
+    with torch.no_grad():
+        s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t_logits = teacher(
+            input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]
+        ).logits
+    k = k or len(chars)
+    # The cache's rows: every supervised teacher position, example by example (as cache-teacher stores).
+    cache_rows = torch.cat(
+        [
+            t_logits[b, t.prompt_length - 1 : t.prompt_length - 1 + len(t.boundaries)]
+            for b, (_, t, _) in enumerate(paired)
+        ]
+    )
+    rows = SparseTeacher.from_logits(cache_rows, k, temperatures=(2.0,)).apply(
+        lambda x: x.double() if x.is_floating_point() else x
+    )
+    rows.tail_mode = "uniform"
+    s_rows, targets, t_probs, aligned = [], [], [], []
+    base = 0
+    for b, (s_enc, t_enc, pairs) in enumerate(paired):
+        first = len(s_rows)
+        for j in range(len(s_enc.boundaries)):
+            s_rows.append(s_logits[b, s_enc.prompt_length + j - 1])
+            targets.append(s_enc.features["input_ids"][s_enc.prompt_length + j])
+        probs = cached_reference_probs(cache_rows[base : base + len(t_enc.boundaries)], k, 2.0)
+        for j, kk in pairs:
+            aligned.append(first + j)
+            t_probs.append(probs[kk])
+        base += len(t_enc.boundaries)
+    pairs_map = (
+        list(zip(adapter.vocab_map.student_ids, adapter.vocab_map.teacher_ids)) if adapter.vocab_map else []
+    )
+    ref, _, ref_kd = reference_loss(
+        torch.stack(s_rows), torch.tensor(targets), torch.stack(t_probs), torch.tensor(aligned), pairs_map,
+        mode=mode, divergence="todi", kd_rate=0.5, T=2.0, uld_weight=0.7, denom=len(targets),
+        teacher_probs=True,
+    )  # fmt: skip
+    assert 0 < len(aligned) < len(targets) and ref_kd > 0
+    options = {"divergence": "todi", "kd_rate": 0.5, "temperature": 2.0}
+    for fused in (False, True):
+        loss_fn = adapter.loss_fn(options, gpt2, len(gpt2), len(chars), chunk_size=16)
+        with torch.no_grad():
+            out = loss_fn(student, rows, batch, fused=fused)
+        assert_rel(out.loss, ref, 1e-5, f"fused={fused}")
+        assert_rel(out.kd, ref_kd, 1e-5, f"kd fused={fused}")
 
 
 # ------------------------------------------------------------------------------------ distill end to end
@@ -525,6 +632,69 @@ def test_distill_cross_tokenizer_resumes_exactly(pair_dir, tmp_path, fresh_accel
     dev = [r for r in records if "dev_kd" in r]
     assert len(train) == 4 and all(r["kd"] > 0 and math.isfinite(r["loss"]) for r in train)
     assert dev and dev[-1]["dev_kd"] > 0  # dev batches carry the teacher's side too
+
+
+def _cache_teacher(pair_dir, out, *extra) -> int:
+    lengths = ["--max-length", "160", "--max-prompt-length", "100"]
+    return run_todi(
+        "cache-teacher", "--teacher", pair_dir / "teacher", "--data", pair_dir / "train.jsonl", "--out", out,
+        *lengths, *extra,
+    )  # fmt: skip
+
+
+def _metrics(run) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, loss", [("hybrid", "todi"), ("uld", "todi")])
+def test_distill_from_full_cache_equals_online_across_tokenizers(pair_dir, tmp_path, mode, loss):
+    """k = V in float32: the cached cross-tokenizer run takes the steps of the online one."""
+    cache = tmp_path / "cache"
+    vocab = len(char_tokenizer())
+    assert _cache_teacher(pair_dir, cache, "--top-k", vocab, "--logprob-dtype", "float32") == 0
+    common = [
+        "distill", "--student", pair_dir / "student", "--data", pair_dir / "train.jsonl", "--loss", loss,
+        "--cross-tokenizer", mode, "--uld-weight", "0.5", *tiny.TINY, "--max-length", "160",
+        "--max-prompt-length", "100", "--max-steps", "3", "--log-every", "1",
+    ]  # fmt: skip
+    assert run_todi(*common, "--teacher", pair_dir / "teacher", "--out", tmp_path / "online") == 0
+    assert run_todi(*common, "--teacher-cache", cache, "--out", tmp_path / "cached") == 0
+    online, cached = _metrics(tmp_path / "online"), _metrics(tmp_path / "cached")
+    assert len(online) == len(cached) == 3
+    for a, b in zip(online, cached):
+        assert a["kd"] > 0
+        for key in ("loss", "ce", "kd", "grad_norm"):
+            assert math.isclose(a[key], b[key], rel_tol=2e-4, abs_tol=1e-6), (key, a[key], b[key])
+
+
+def test_cross_tokenizer_cache_needs_its_tokenizer_and_a_per_token_tail(pair_dir, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert _cache_teacher(pair_dir, cache, "--top-k", "8") == 0
+    assert (cache / "tokenizer" / "tokenizer.json").is_file()
+    common = [
+        "distill", "--student", pair_dir / "student", "--data", pair_dir / "train.jsonl", "--teacher-cache",
+        cache, "--cross-tokenizer", "hybrid", *tiny.TINY, "--max-length", "160", "--max-prompt-length",
+        "100", "--max-steps", "1",
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert run_todi(*common, "--cache-tail", "bucket", "--out", tmp_path / "a") == 2
+    err = capsys.readouterr().err
+    assert "--cache-tail bucket" in err and "--cache-tail sampled" in err
+    # A cache built before the tokenizer was stored: refused with the command that adds it...
+    shutil.rmtree(cache / "tokenizer")
+    assert run_todi(*common, "--out", tmp_path / "b") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "holds no teacher tokenizer" in err[0] and "rerun the `todi cache-teacher` command" in err[1]
+    stamp = (cache / "shard-00000.safetensors").stat().st_mtime_ns
+    assert _cache_teacher(pair_dir, cache, "--top-k", "8") == 0  # ...which recomputes nothing
+    assert (cache / "shard-00000.safetensors").stat().st_mtime_ns == stamp
+    assert run_todi(*common, "--out", tmp_path / "c") == 0
+    records = _metrics(tmp_path / "c")
+    assert records and records[0]["kd"] > 0 and math.isfinite(records[0]["loss"])
+    # Another data file: the examples' teacher encodings are not in the cache.
+    assert run_todi(*common[:4], pair_dir / "dev.jsonl", *common[5:], "--out", tmp_path / "d") == 1
+    assert "is not in teacher cache" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------- report

@@ -21,6 +21,9 @@ Layout of ``--out``::
                                (false until the last shard is recorded; written first, completed last)
     .todi-output.json          marker: a folder todi wrote as a teacher cache (see todi.outputs)
     .todi.lock                 held by the build writing the folder: a second one is refused
+    tokenizer/                 the teacher's tokenizer as loaded (save_pretrained): a student with another
+                               tokenizer pairs its examples with the teacher's through it
+                               (``todi distill --teacher-cache C --cross-tokenizer hybrid``)
     shard-00000.safetensors    examples [0, shard_size): digests [n] (one hash per encoded example),
                                offsets [n + 1] (rows of each example), ids [rows, k], logprobs [rows, k],
                                tail [rows], tail_T<t> [rows] per stored temperature t != 1, and with
@@ -52,11 +55,13 @@ same software and, on GPUs, the same model of GPU assumed: neither is recorded).
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +243,7 @@ class _Build:
     vocab: int
     device: torch.device
     spec: dict[str, Any]
+    tokenizer: Any  # as loaded, before a pad token is set for batching: what tokenizer/ holds
 
 
 def build_cache(config: Config) -> Path:
@@ -253,8 +259,22 @@ def build_cache(config: Config) -> Path:
     with folder.claim(reuse=True):
         build = _load(config)  # a failure here leaves --out as it was
         checksums = _start(folder, build.spec)
+        _save_tokenizer(build.tokenizer, folder.path)
         _fill(build, folder.path, checksums)
     return Path(config.out)
+
+
+TOKENIZER_FOLDER = "tokenizer"
+
+
+def _save_tokenizer(tokenizer: Any, out: Path) -> None:
+    """Write ``out/tokenizer`` whole or not at all (a rerun of a cache built before it existed adds it)."""
+    final = out / TOKENIZER_FOLDER
+    staging = out / f".{TOKENIZER_FOLDER}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
 
 
 def _load(config: Config) -> _Build:
@@ -280,6 +300,7 @@ def _load(config: Config) -> _Build:
     temperatures = config.temperature_list()
     sample_temperatures = config.sample_temperatures() if config.tail_samples else []
     tokenizer = load_tokenizer(config.teacher, trust_remote_code=config.trust_remote_code)
+    as_loaded = copy.deepcopy(tokenizer)
     pad_id = ensure_pad_token(tokenizer)
     examples = load_examples(
         config.data,
@@ -354,7 +375,18 @@ def _load(config: Config) -> _Build:
     # Encoding drops no example when max_prompt_length < max_length: then encoded[i] is examples[i].
     sources = [e.source for e in examples] if len(examples) == len(encoded) else None
     return _Build(
-        config, encoded, sources, digests, rows, DataCollator(pad_id), teacher, head, vocab, device, spec
+        config,
+        encoded,
+        sources,
+        digests,
+        rows,
+        DataCollator(pad_id),
+        teacher,
+        head,
+        vocab,
+        device,
+        spec,
+        as_loaded,
     )
 
 
@@ -380,6 +412,8 @@ def _start(folder: OutputFolder, spec: dict[str, Any]) -> dict[str, dict[str, An
         )
     for stale in out.glob(".tmp-*"):
         stale.unlink()
+    for stale in out.glob(f".{TOKENIZER_FOLDER}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     _write_manifest(out, {**spec, "complete": False, "checksums": kept})
     return kept
 
@@ -730,17 +764,67 @@ class TeacherCache:
     def digests(self) -> list[int]:
         return [d for f in self._files for d in f.get_tensor("digests").tolist()]
 
+    def row_counts(self) -> list[int]:
+        """Rows (supervised positions) of each example, in order."""
+        return [n for offsets in self._offsets for n in offsets.diff().tolist()]
+
+    def teacher_tokenizer(self, trust_remote_code: bool = False) -> Any:
+        """The teacher's tokenizer stored with the cache (``tokenizer/``), checked against its hash."""
+        from todi.models import load_tokenizer
+
+        folder = self.path / TOKENIZER_FOLDER
+        if not (folder / "tokenizer_config.json").is_file():
+            raise TodiError(
+                f"teacher cache {self.path} holds no teacher tokenizer ({TOKENIZER_FOLDER}/), which a student "
+                "with another tokenizer (--cross-tokenizer) needs to pair its examples with the cache's",
+                "rerun the `todi cache-teacher` command that built it: a complete cache only gains the "
+                "tokenizer, nothing is recomputed",
+            )
+        tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
+        if tokenizer_hash(tokenizer) != self.manifest["tokenizer_hash"]:
+            raise TodiError(
+                f"teacher cache {self.path}: {TOKENIZER_FOLDER}/ is not the tokenizer the cache was built with",
+                "rerun the `todi cache-teacher` command that built it (with --overwrite if its settings changed)",
+            )
+        return tokenizer
+
+    def locate(self, digests: list[int], data: str) -> list[int]:
+        """The cache example holding each of these teacher encodings (by digest): example i where the
+        cache's i-th matches, else the first that does. A cross-tokenizer student may drop an example the
+        teacher kept (its own tokens fill --max-length), which shifts the order."""
+        stored = self.digests()
+        first: dict[int, int] = {}
+        for i, d in enumerate(stored):
+            first.setdefault(d, i)
+        found = []
+        for i, d in enumerate(digests):
+            if i < len(stored) and stored[i] == d:
+                found.append(i)
+            elif d in first:
+                found.append(first[d])
+            else:
+                m = self.manifest
+                raise DataError(
+                    f"example {i} of --data {data}, encoded with the teacher's tokenizer, is not in teacher "
+                    f"cache {self.path} (built from {m['data']}, sha256 {str(m['data_file_sha256'])[:12]}, "
+                    f"{len(self)} examples)",
+                    "distil from the data the cache was built from (same --template and max lengths), or "
+                    "rebuild the cache with this --data",
+                )
+        return found
+
     def check(
         self,
         *,
         tokenizer: Any,
-        encoded: list[dict[str, list[int]]],
+        encoded: list[dict[str, list[int]]] | None,
         template: str,
         max_length: int,
         max_prompt_length: int,
         data: str,
     ) -> None:
-        """Refuse a run whose data, tokenizer, template or lengths differ from the cache's."""
+        """Refuse a run whose data, tokenizer, template or lengths differ from the cache's (``encoded``
+        None: the examples are checked by :meth:`locate` instead)."""
         m = self.manifest
         if tokenizer_hash(tokenizer) != m["tokenizer_hash"]:
             raise DataError(
@@ -759,6 +843,8 @@ class TeacherCache:
                 + " ".join(f"--{k.replace('_', '-')} {m[k]}" for k in wrong)
                 + " or rebuild the cache with this run's settings",
             )
+        if encoded is None:
+            return
         if len(encoded) > len(self):
             raise DataError(
                 f"--data has {len(encoded)} examples but teacher cache {self.path} holds {len(self)}",

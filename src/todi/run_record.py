@@ -72,6 +72,7 @@ LOCKED_ON_RESUME = (
     "optim",  # another optimizer cannot take over this one's state
     "cross_tokenizer",
     "uld_weight",
+    "unaligned",
 )
 # Options free to change on resume: how long to train, how the run is evaluated, logged, checkpointed
 # and how the loss is computed (not what it computes). Any other change needs --resume-changed.

@@ -338,6 +338,7 @@ class TrainConfig(abc.ABC):
             "plugin",
             "cross_tokenizer",
             "uld_weight",
+            "unaligned",
             "fused",
             "chunk_size",
             "compile",
@@ -540,7 +541,8 @@ class DistillConfig(TrainConfig):
         "sampled",
         "with --teacher-cache: sampled = divergences on all tokens, the teacher's tail mass shared out by "
         "the tail tokens the cache drew; bucket = on the k stored tokens + one tail bucket (fastest); "
-        "uniform = on all tokens, the tail mass spread evenly (see docs/performance.md)",
+        "uniform = on all tokens, the tail mass spread evenly (see docs/performance.md); with "
+        "--cross-tokenizer, sampled or uniform",
     )
     student: str = option(
         "", "student to train (required): a local folder or a Hub id", aliases=["--model_name_or_path"]
@@ -602,9 +604,15 @@ class DistillConfig(TrainConfig):
         "refuse",
         "a teacher whose tokenizer differs from the student's: refuse; hybrid = --loss on the tokens both "
         "vocabularies spell the same (renormalised) + --uld-weight x ULD on the rest, at positions aligned "
-        "by text offsets; uld = ULD alone (see docs/cross_tokenizer.md)",
+        "by text offsets; uld = ULD alone. With --teacher or a --teacher-cache (which stores the teacher's "
+        "tokenizer); see docs/cross_tokenizer.md",
     )
     uld_weight: float = option(1.0, "--cross-tokenizer hybrid: weight of ULD on the unmatched vocabulary")
+    unaligned: Literal["skip", "ce"] = option(
+        "skip",
+        "--cross-tokenizer: student positions with no aligned teacher position get the CE term alone (skip), "
+        "or their CE also in place of the KD term (ce: the data's token stands in for the teacher)",
+    )
 
     command = "distill"
 
@@ -655,11 +663,13 @@ class DistillConfig(TrainConfig):
             out.append("give exactly one of --teacher and --teacher-cache")
         if self.cache_tail != "sampled" and not self.teacher_cache:
             out.append("--cache-tail applies to --teacher-cache")
-        if self.teacher_cache and self.cross_tokenizer != "refuse":
+        if self.teacher_cache and self.cross_tokenizer != "refuse" and self.cache_tail == "bucket":
             out.append(
-                "--cross-tokenizer applies to --teacher; a teacher cache under another tokenizer is not "
-                "supported yet (run the teacher beside the student)"
+                "--cache-tail bucket compares one tail bucket, which is a token of neither vocabulary under "
+                "--cross-tokenizer; use --cache-tail sampled (the default) or uniform"
             )
+        if self.unaligned != "skip" and self.cross_tokenizer == "refuse":
+            out.append("--unaligned applies to --cross-tokenizer hybrid or uld")
         if not (math.isfinite(self.uld_weight) and self.uld_weight >= 0):
             out.append(f"--uld-weight must be a finite number >= 0, got {self.uld_weight}")
         if self.teacher_cache and self.teacher_lora:
@@ -950,6 +960,7 @@ class _Data:
     plan: _DataPlan
     total_steps: int
     xtok: Any = None  # a todi.xtok.CrossTokenizerTeacher when the teacher has its own tokenizer
+    cache_rows: list[int] | None = None  # per training example, its teacher-cache example (None: the same)
 
     def batch(
         self, indices: Sequence[int], device: torch.device, examples: Sequence[dict] | None = None
@@ -976,29 +987,34 @@ def _setup_data(config: TrainConfig, accelerator: Any, cache: Any) -> _Data:
     from todi.data import check_tokenizers, ensure_pad_token
 
     tokenizer = load_tokenizer(config.student_path, trust_remote_code=config.trust_remote_code)
+    cross = config.cross_tokenizer_mode is not None
     if config.teacher_path:
         teacher_tokenizer = load_tokenizer(config.teacher_path, trust_remote_code=config.trust_remote_code)
-        if config.cross_tokenizer_mode is None:
+        if not cross:
             check_tokenizers(teacher_tokenizer, tokenizer)
+    elif cache is not None and cross:
+        teacher_tokenizer = cache.teacher_tokenizer(config.trust_remote_code)
     # Exported as loaded: a pad token added for batching would make the exported teacher's tokenizer
     # differ from its student's (check_tokenizers compares pad ids) in the next `todi distill`.
     pristine_tokenizer = copy.deepcopy(tokenizer)
     pad_id = ensure_pad_token(tokenizer)
     train_set, dev_examples, dev_set = _load_data(config, tokenizer)
-    xtok = None
-    if config.teacher_path and config.cross_tokenizer_mode is not None:  # the teacher's side of each example
+    xtok, cache_rows = None, None
+    if cross:  # the teacher's side of each example
         from todi.xtok import CrossTokenizerTeacher
 
         xtok = CrossTokenizerTeacher.build(config, tokenizer, teacher_tokenizer, train_set, dev_set)
     if cache is not None:
         cache.check(
-            tokenizer=pristine_tokenizer,
-            encoded=train_set,
+            tokenizer=teacher_tokenizer if cross else pristine_tokenizer,
+            encoded=None if cross else train_set,
             template=config.template,
             max_length=config.max_length,
             max_prompt_length=config.max_prompt_length,
             data=config.data,
         )
+        if cross:
+            cache_rows = xtok.cache_rows(cache, train_set, config.data)
     plan = _DataPlan(train_set, config, accelerator.num_processes)
     if plan.steps_per_epoch == 0:
         micro_per_step = plan.options["micro_per_step"]
@@ -1012,8 +1028,9 @@ def _setup_data(config: TrainConfig, accelerator: Any, cache: Any) -> _Data:
     if xtok is not None:
         collate = xtok.collator(collate)
     return _Data(
-        tokenizer, pristine_tokenizer, collate, train_set, dev_examples, dev_set, plan, total_steps, xtok
-    )
+        tokenizer, pristine_tokenizer, collate, train_set, dev_examples, dev_set, plan, total_steps, xtok,
+        cache_rows,
+    )  # fmt: skip
 
 
 def _load_data(config: TrainConfig, tokenizer: Any) -> tuple[list[dict], list[Any], list[dict]]:
@@ -1125,13 +1142,17 @@ class _Teacher:
     vocab_size: int | None  # the vocabulary both sides share (the loss slices padded heads to it)
     xtok_loss: Callable[..., Any] | None = None  # the objective when the teacher has its own tokenizer
     timer: _ForwardTimer | None = None  # seconds spent in the teacher model's forward passes
+    cache_rows: list[int] | None = None  # training example -> cache example, when they differ
 
     def seconds(self) -> float:
         return 0.0 if self.timer is None else self.timer.seconds
 
     def for_batch(self, indices: Sequence[int], device: torch.device) -> SparseTeacher | None:
         """The cached teacher rows of these examples; None when the model (or nobody) is the teacher."""
-        return None if self.cache is None else self.cache.rows(list(indices)).to(device)
+        if self.cache is None:
+            return None
+        where = list(indices) if self.cache_rows is None else [self.cache_rows[i] for i in indices]
+        return self.cache.rows(where).to(device)
 
 
 def _setup_teacher(
@@ -1162,7 +1183,11 @@ def _setup_teacher(
             )
         if config.loss_options()["kd_rate"] == 0:
             logger.warning("--kd-rate 0: the teacher is loaded but does not contribute to the loss")
-    if cache is not None:
+    if cache is not None and data.xtok is not None:  # rows under the teacher's own vocabulary
+        xtok_loss = data.xtok.loss_fn(
+            config.loss_options(), tokenizer, student_head, cache.vocab_size, chunk_size=config.chunk_size
+        )
+    elif cache is not None:
         from todi.data import shared_vocab_size
 
         vocab_size = shared_vocab_size(tokenizer, student_head)
@@ -1173,7 +1198,7 @@ def _setup_teacher(
                 "use a student with the teacher's tokenizer",
             )
     timer = None if model is None else _ForwardTimer(model)
-    return _Teacher(model, cache, vocab_size, xtok_loss, timer)
+    return _Teacher(model, cache, vocab_size, xtok_loss, timer, data.cache_rows)
 
 
 class _ForwardTimer:

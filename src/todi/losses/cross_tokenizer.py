@@ -30,6 +30,7 @@ from todi.divergences import get_divergence, log_probs, todi_weight
 from todi.losses.causal_lm import _model_inputs, final_hidden_states, output_head
 from todi.losses.fused import auto_chunk_size
 from todi.losses.objective import LossOutput, check_objective, normaliser
+from todi.losses.sparse import SparseTeacher
 
 __all__ = [
     "MatchedVocab",
@@ -125,8 +126,10 @@ def _sums(
     aligned: Tensor,
     kd_rate: float,
     kd: dict,
+    unaligned: str = "skip",
 ) -> Tensor:
-    """[CE sum, KD sum, FKL-share sum] over rows; ``aligned`` picks the rows ``teacher_logits`` belongs to."""
+    """[CE sum, KD sum, FKL-share sum] over rows; ``aligned`` picks the rows ``teacher_logits`` belongs to.
+    ``unaligned="ce"``: with a teacher, the KD sum also holds the CE of the rows without a teacher row."""
     math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     zero = student_logits.new_zeros((), dtype=math_dtype)
     ce = F.cross_entropy(student_logits.to(math_dtype), targets, reduction="sum") if kd_rate < 1 else zero
@@ -136,6 +139,12 @@ def _sums(
         kd_sum = value.sum().to(math_dtype)
         if share is not None:
             share_sum = share.sum().to(math_dtype)
+    if unaligned == "ce" and teacher_logits is not None:
+        without = torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
+        without[aligned] = False
+        kd_sum = kd_sum + F.cross_entropy(
+            student_logits[without].to(math_dtype), targets[without], reduction="sum"
+        )
     return torch.stack([ce, kd_sum, share_sum.detach()])
 
 
@@ -168,6 +177,7 @@ def cross_tokenizer_loss(
     divergence: str = "todi",
     temperature: float = 2.0,
     uld_weight: float = 1.0,
+    unaligned: str = "skip",
     **params: float,
 ) -> LossOutput:
     """``(1 - kd_rate) CE + kd_rate KD`` on materialised rows.
@@ -177,18 +187,27 @@ def cross_tokenizer_loss(
         targets: ``[N]`` the student's own next tokens there (the CE term).
         teacher_logits: ``[A, Vt]`` the teacher's logits at the positions aligned with ``aligned``.
         aligned: ``[A]`` long, which of the N rows each teacher row is aligned with.
+        unaligned: what the KD term does at the rows without a teacher row: ``skip`` (nothing: they get
+            the CE term alone) or ``ce`` (the data's token stands in for the teacher: their CE, so they
+            get the full CE weight; see docs/cross_tokenizer.md).
         Other arguments as in :func:`cross_tokenizer_divergence` and :func:`todi.losses.distillation_loss`.
     """
     check_objective(kd_rate, temperature)
     kd = dict(mode=mode, vocab=vocab, divergence=divergence, temperature=temperature, uld_weight=uld_weight)
     kd |= params
-    sums = _sums(student_logits, targets, teacher_logits, aligned, kd_rate, kd)
+    sums = _sums(student_logits, targets, teacher_logits, aligned, kd_rate, kd, unaligned)
     return _output(sums, student_logits.shape[0], aligned.numel(), kd_rate, num_items_in_batch, kd)
+
+
+def _cached_teacher_logits(rows: SparseTeacher, temperature: float) -> Tensor:
+    """Teacher "logits" of cached rows: ``T * log p_T`` over the teacher's vocabulary, which
+    :func:`cross_tokenizer_divergence` divides by T and softmaxes back into ``p_T`` exactly."""
+    return temperature * rows.dense_log_probs(temperature)
 
 
 def causal_lm_cross_tokenizer_loss(
     student: nn.Module,
-    teacher: nn.Module | None,
+    teacher: nn.Module | SparseTeacher | None,
     batch: dict[str, Tensor],
     *,
     student_vocab: int,
@@ -205,7 +224,11 @@ def causal_lm_cross_tokenizer_loss(
     ``batch`` holds the student's ``input_ids`` / ``attention_mask`` / ``position_ids`` / unshifted
     ``labels``, the teacher's ``teacher_input_ids`` / ``teacher_attention_mask`` / ``teacher_position_ids``,
     and ``xtok_teacher_pos`` ``[B, T_student - 1]``: per student position, the aligned teacher position
-    (after the shift) or -1 (:class:`todi.xtok.CrossTokenizerTeacher` builds them). ``student_vocab`` /
+    (after the shift) or -1 (:class:`todi.xtok.CrossTokenizerTeacher` builds them). ``teacher`` may be the
+    rows of a teacher cache (:class:`~todi.losses.sparse.SparseTeacher`, the supervised positions of the
+    batch's teacher encodings in order, tail mode ``uniform`` or ``sampled``): the batch then holds
+    ``xtok_cache_row`` ``[B, T_student - 1]``, per student position the aligned row of ``teacher`` or -1,
+    and each chunk rebuilds the teacher's ``[A, Vt]`` distribution from its rows. ``student_vocab`` /
     ``teacher_vocab`` slice padded heads to their tokenizers. ``fused``: the student's logits are built
     ``chunk_size`` rows at a time and rebuilt in the backward pass (memory O(chunk x V), not O(N x V));
     the teacher's only at aligned positions. Other keyword arguments go to :func:`cross_tokenizer_loss`.
@@ -219,7 +242,15 @@ def causal_lm_cross_tokenizer_loss(
     use_teacher = teacher is not None and kd_rate > 0
     aligned = rows.new_zeros(0)
     teacher_rows: Tensor | None = None
-    if use_teacher:
+    temperature = float(kd.get("temperature", 2.0))  # type: ignore[arg-type]
+    cached: SparseTeacher | None = None
+    if use_teacher and isinstance(teacher, SparseTeacher):
+        cache_rows = batch["xtok_cache_row"].reshape(-1)[rows]
+        aligned = (cache_rows >= 0).nonzero().squeeze(-1)
+        cached = teacher.select(cache_rows[aligned])
+        if cached.vocab_size != teacher_vocab:
+            raise ValueError(f"the cached teacher covers {cached.vocab_size} tokens, not {teacher_vocab}")
+    elif use_teacher:
         teacher_pos = batch["xtok_teacher_pos"].reshape(-1)[rows]
         aligned = (teacher_pos >= 0).nonzero().squeeze(-1)
         teacher_width = batch["teacher_input_ids"].shape[1] - 1
@@ -234,7 +265,9 @@ def causal_lm_cross_tokenizer_loss(
     if not fused:
         student_logits = student(**_model_inputs(batch)).logits[:, :-1, :student_vocab]
         teacher_logits = None
-        if use_teacher:
+        if cached is not None:
+            teacher_logits = _cached_teacher_logits(cached, temperature)
+        elif use_teacher:
             with torch.no_grad():
                 all_teacher = teacher(**_model_inputs(teacher_inputs)).logits[:, :-1, :teacher_vocab]
                 teacher_logits = all_teacher.reshape(-1, all_teacher.shape[-1])[teacher_rows]
@@ -247,7 +280,7 @@ def causal_lm_cross_tokenizer_loss(
     weight = head.weight[:student_vocab]
     bias = None if getattr(head, "bias", None) is None else head.bias[:student_vocab]
     teacher_hidden = teacher_weight = teacher_bias = None
-    if use_teacher:
+    if use_teacher and cached is None:
         teacher_head = output_head(teacher)
         with torch.no_grad():
             t_hidden = final_hidden_states(teacher, teacher_inputs, teacher_head)[:, :-1]
@@ -256,6 +289,7 @@ def causal_lm_cross_tokenizer_loss(
         tb = getattr(teacher_head, "bias", None)
         teacher_bias = None if tb is None else tb[:teacher_vocab]
     kd_options = dict(kd)
+    unaligned = str(kd_options.pop("unaligned", "skip"))
     n = rows.numel()
     size = chunk_size or auto_chunk_size(n, student_vocab + teacher_vocab)
     sums = hidden.new_zeros(3, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
@@ -266,14 +300,19 @@ def causal_lm_cross_tokenizer_loss(
         in_chunk = (aligned >= start) & (aligned < stop)
         local = aligned[in_chunk] - start
         t_chunk = None if teacher_hidden is None else teacher_hidden[in_chunk]
+        c_chunk = None if cached is None else cached.select(in_chunk)
 
-        def chunk_sums(h: Tensor, t_chunk=t_chunk, local=local, start=start, stop=stop) -> Tensor:
+        def chunk_sums(
+            h: Tensor, t_chunk=t_chunk, c_chunk=c_chunk, local=local, start=start, stop=stop
+        ) -> Tensor:
             logits = F.linear(h, weight, bias)
             t_logits = None
-            if t_chunk is not None:
+            if c_chunk is not None:
+                t_logits = _cached_teacher_logits(c_chunk, temperature)
+            elif t_chunk is not None:
                 with torch.no_grad():
                     t_logits = F.linear(t_chunk, teacher_weight, teacher_bias)
-            return _sums(logits, targets[start:stop], t_logits, local, kd_rate, kd_options)
+            return _sums(logits, targets[start:stop], t_logits, local, kd_rate, kd_options, unaligned)
 
         if torch.is_grad_enabled() and hidden.requires_grad:
             sums = sums + checkpoint(chunk_sums, hidden[start:stop], use_reentrant=False)

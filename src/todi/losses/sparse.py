@@ -180,6 +180,10 @@ class SparseTeacher:
         """Rows ``start`` to ``end`` (exclusive)."""
         return self.apply(lambda t: t[start:end])
 
+    def select(self, rows: Tensor) -> SparseTeacher:
+        """The rows listed in ``rows`` (long or bool index), in that order."""
+        return self.apply(lambda t: t[rows])
+
     @classmethod
     def cat(cls, parts: list[SparseTeacher]) -> SparseTeacher:
         """The rows of ``parts`` one after the other (same vocabulary, temperatures and tail mode)."""
@@ -240,6 +244,17 @@ class SparseTeacher:
             return self.ids, bucket, False, None
         samples = self.samples_at(temperature) if self.tail_mode == "sampled" else None
         return self.ids, bucket, True, samples
+
+    def dense_log_probs(self, temperature: float) -> Tensor:
+        """``[N, V]`` teacher log-probs at ``temperature`` over the whole vocabulary: the stored tokens keep
+        theirs and the tail mass is spread evenly (``uniform``) or by the tail samples (``sampled``), as
+        :func:`dense_teacher_log_probs` does; exact when k = V. ``bucket`` has no per-token tail to give."""
+        if self.tail_mode == "bucket" and self.has_tail:
+            raise ValueError(
+                "tail_mode 'bucket' has no per-token teacher distribution; use uniform or sampled"
+            )
+        ids, bucket, _, samples = self.kernel_inputs(temperature)
+        return dense_teacher_log_probs(ids, bucket, self.vocab_size, samples)
 
     def bucket_log_probs(self, temperature: float) -> Tensor:
         """``[N, k (+1)]`` normalised teacher log-probs at ``temperature`` over the k ids (and the bucket)."""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from todi.cache import example_digest
 from todi.data import (
     DataCollator,
     DataError,
@@ -28,6 +29,7 @@ from todi.data import (
     _tokenize,
     check_template,
     render_prompt,
+    supervised_positions,
 )
 from todi.xtok.alignment import align, check_offsets, target_boundaries
 from todi.xtok.vocab import VocabMap, load_or_build_vocab_map, require_matches
@@ -136,12 +138,18 @@ class CrossTokenizerTeacher:
     student's encoded examples, collates them, and gives the objective (``--cross-tokenizer``)."""
 
     def __init__(
-        self, mode: str, vocab_map: VocabMap | None, teacher_tokenizer: Any, uld_weight: float
+        self,
+        mode: str,
+        vocab_map: VocabMap | None,
+        teacher_tokenizer: Any,
+        uld_weight: float,
+        unaligned: str = "skip",
     ) -> None:
         self.mode = mode
         self.vocab_map = vocab_map
         self.teacher_tokenizer = teacher_tokenizer
         self.uld_weight = uld_weight
+        self.unaligned = unaligned
         pad = teacher_tokenizer.pad_token_id
         self.teacher_pad_id = pad if pad is not None else _eos_id(teacher_tokenizer)
 
@@ -163,7 +171,7 @@ class CrossTokenizerTeacher:
         vocab_map = None
         if config.cross_tokenizer == "hybrid":
             vocab_map = load_or_build_vocab_map(student_tokenizer, teacher_tokenizer)
-            require_matches(vocab_map, config.student, config.teacher)
+            require_matches(vocab_map, config.student, config.teacher or config.teacher_cache)
             logger.info(
                 "cross-tokenizer vocabulary: %d matched tokens (%.1f%% of the student's %d, %.1f%% of the "
                 "teacher's %d)",
@@ -173,7 +181,9 @@ class CrossTokenizerTeacher:
                 100 * len(vocab_map) / vocab_map.teacher_size,
                 vocab_map.teacher_size,
             )
-        adapter = cls(config.cross_tokenizer, vocab_map, teacher_tokenizer, config.uld_weight)
+        adapter = cls(
+            config.cross_tokenizer, vocab_map, teacher_tokenizer, config.uld_weight, config.unaligned
+        )
         lengths = {
             "template": config.template,
             "max_prompt_length": config.max_prompt_length,
@@ -208,7 +218,30 @@ class CrossTokenizerTeacher:
             features["teacher_input_ids"] = teacher.features["input_ids"]
             features["xtok_student_pos"] = [student.prompt_length + j - 1 for j, _ in pairs]
             features["xtok_teacher_pos"] = [teacher.prompt_length + k - 1 for _, k in pairs]
+            # For a teacher cache: its rows of an example are the teacher's supervised positions in order,
+            # the first being the one before the first response token (none when nothing precedes it).
+            first = max(teacher.prompt_length - 1, 0)
+            features["xtok_teacher_rows"] = [
+                p - first if p >= 0 else -1 for p in features["xtok_teacher_pos"]
+            ]
+            features["xtok_teacher_count"] = supervised_positions(teacher.features)
+            features["xtok_teacher_digest"] = example_digest(teacher.features)
         return stats
+
+    @staticmethod
+    def cache_rows(cache: Any, encoded: list[dict], data: str) -> list[int]:
+        """Per example of ``encoded`` (attached), the teacher cache's example holding its teacher encoding
+        (:meth:`todi.cache.TeacherCache.locate`), checked to hold one row per teacher supervised position."""
+        found = cache.locate([f["xtok_teacher_digest"] for f in encoded], data)
+        counts = cache.row_counts()
+        for i, (features, j) in enumerate(zip(encoded, found)):
+            if counts[j] != features["xtok_teacher_count"]:
+                raise DataError(
+                    f"teacher cache {cache.path} holds {counts[j]} rows for example {i} of {data}, whose "
+                    f"teacher encoding has {features['xtok_teacher_count']} supervised positions",
+                    "rebuild the cache with this todi (`todi cache-teacher ... --overwrite`)",
+                )
+        return found
 
     def collator(self, student_collate: DataCollator) -> Callable[[list[dict]], dict[str, Tensor]]:
         """The student's collator, plus the teacher's padded inputs and ``xtok_teacher_pos``."""
@@ -259,8 +292,7 @@ class CrossTokenizerTeacher:
                 chunk_size=chunk_size,
                 mode=self.mode,
                 vocab=vocab,
-                uld_weight=self.uld_weight,
-                **{**options, **call},
+                **{"uld_weight": self.uld_weight, "unaligned": self.unaligned, **options, **call},
             )
 
         return loss_fn
@@ -276,6 +308,18 @@ class _PairedCollator:
         positions = torch.full((len(features), batch["input_ids"].shape[1] - 1), -1, dtype=torch.long)
         for row, f in enumerate(features):
             positions[row, f["xtok_student_pos"]] = torch.tensor(f["xtok_teacher_pos"], dtype=torch.long)
+        if "xtok_teacher_rows" in features[0]:  # rows of the batch's teacher-cache rows (example by example)
+            cache_rows = torch.full_like(positions, -1)
+            base = 0
+            for row, f in enumerate(features):
+                found = [
+                    (s, base + r) for s, r in zip(f["xtok_student_pos"], f["xtok_teacher_rows"]) if r >= 0
+                ]
+                if found:
+                    where, value = zip(*found)
+                    cache_rows[row, list(where)] = torch.tensor(value, dtype=torch.long)
+                base += f["xtok_teacher_count"]
+            batch["xtok_cache_row"] = cache_rows
         batch["teacher_input_ids"] = teacher["input_ids"]
         batch["teacher_attention_mask"] = teacher["attention_mask"]
         batch["teacher_position_ids"] = teacher["position_ids"]
