@@ -53,7 +53,7 @@ DISTILL_FIELDS = {
     "beta": 1.0,
     "uld_weight": 1.0,
     "cross_tokenizer": "refuse",
-    "unaligned": "skip",
+    "unaligned": "ce",
 }
 
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +74,12 @@ LOCKED_ON_RESUME = (
     "uld_weight",
     "unaligned",
 )
+# Options a run recorded by an older todi lacks: from its recorded options, the value that todi used in
+# their place (None: the option had no effect there). A resume compares against it; an unrecorded option
+# is otherwise not compared, and its new default would silently change the run.
+ADDED_LATER: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "unaligned": lambda old: "skip" if old.get("cross_tokenizer", "refuse") != "refuse" else None,
+}
 # Options free to change on resume: how long to train, how the run is evaluated, logged, checkpointed
 # and how the loss is computed (not what it computes). Any other change needs --resume-changed.
 FREE_ON_RESUME = frozenset(
@@ -201,6 +207,7 @@ def check_resume(
             )
         return {}
     old, new = last["options"], recorded_options(config)
+    old = {**{k: v for k, rule in ADDED_LATER.items() if (v := rule(old)) is not None}, **old}
     fixed = [
         f"{k} ({old[k]!r} before, {new[k]!r} now)"
         for k in LOCKED_ON_RESUME

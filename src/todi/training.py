@@ -608,10 +608,11 @@ class DistillConfig(TrainConfig):
         "tokenizer); see docs/cross_tokenizer.md",
     )
     uld_weight: float = option(1.0, "--cross-tokenizer hybrid: weight of ULD on the unmatched vocabulary")
-    unaligned: Literal["skip", "ce"] = option(
-        "skip",
-        "--cross-tokenizer: student positions with no aligned teacher position get the CE term alone (skip), "
-        "or their CE also in place of the KD term (ce: the data's token stands in for the teacher)",
+    unaligned: Literal["ce", "skip"] = option(
+        "ce",
+        "--cross-tokenizer: at student positions with no aligned teacher position (inside a teacher token), "
+        "ce = the data's token stands in for the teacher in the KD term (their CE gets the full weight); "
+        "skip = the CE term alone (see docs/cross_tokenizer.md)",
     )
 
     command = "distill"
@@ -668,7 +669,7 @@ class DistillConfig(TrainConfig):
                 "--cache-tail bucket compares one tail bucket, which is a token of neither vocabulary under "
                 "--cross-tokenizer; use --cache-tail sampled (the default) or uniform"
             )
-        if self.unaligned != "skip" and self.cross_tokenizer == "refuse":
+        if self.unaligned != "ce" and self.cross_tokenizer == "refuse":
             out.append("--unaligned applies to --cross-tokenizer hybrid or uld")
         if not (math.isfinite(self.uld_weight) and self.uld_weight >= 0):
             out.append(f"--uld-weight must be a finite number >= 0, got {self.uld_weight}")

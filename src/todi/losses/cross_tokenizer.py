@@ -177,7 +177,7 @@ def cross_tokenizer_loss(
     divergence: str = "todi",
     temperature: float = 2.0,
     uld_weight: float = 1.0,
-    unaligned: str = "skip",
+    unaligned: str = "ce",
     **params: float,
 ) -> LossOutput:
     """``(1 - kd_rate) CE + kd_rate KD`` on materialised rows.
@@ -289,7 +289,7 @@ def causal_lm_cross_tokenizer_loss(
         tb = getattr(teacher_head, "bias", None)
         teacher_bias = None if tb is None else tb[:teacher_vocab]
     kd_options = dict(kd)
-    unaligned = str(kd_options.pop("unaligned", "skip"))
+    unaligned = str(kd_options.pop("unaligned", "ce"))
     n = rows.numel()
     size = chunk_size or auto_chunk_size(n, student_vocab + teacher_vocab)
     sums = hidden.new_zeros(3, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)

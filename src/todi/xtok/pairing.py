@@ -143,7 +143,7 @@ class CrossTokenizerTeacher:
         vocab_map: VocabMap | None,
         teacher_tokenizer: Any,
         uld_weight: float,
-        unaligned: str = "skip",
+        unaligned: str = "ce",
     ) -> None:
         self.mode = mode
         self.vocab_map = vocab_map
