@@ -169,7 +169,6 @@ def _float64(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
 
 
-@pytest.mark.slow
 def test_lambda_one_loss_is_the_float64_divergence_of_the_re_encoded_samples(assets, gpt2, tmp_path):
     chars = char_tokenizer()
     out = tmp_path / "run"
@@ -219,7 +218,6 @@ def test_lambda_one_loss_is_the_float64_divergence_of_the_re_encoded_samples(ass
     assert records[0]["kd"] == pytest.approx(float(ref_kd), rel=1e-5)
 
 
-@pytest.mark.slow
 def test_seq_kd_samples_in_the_teachers_tokens(assets, tmp_path):
     chars = char_tokenizer()
     out = tmp_path / "run"
@@ -234,7 +232,6 @@ def test_seq_kd_samples_in_the_teachers_tokens(assets, tmp_path):
     assert record["kd"] > 0 and record["ce"] > 0 and math.isfinite(record["loss"])
 
 
-@pytest.mark.slow
 def test_lambda_with_a_replay_buffer_resumes_exactly(assets, tmp_path):
     from safetensors.torch import load_file
 

@@ -468,6 +468,7 @@ class GeneratedPairing:
 class _PairedCollator:
     def __init__(self, student: DataCollator, teacher: DataCollator) -> None:
         self.student, self.teacher = student, teacher
+        self.pad_token_id = student.pad_token_id  # it stands in for the student's collator
 
     def __call__(self, features: list[dict]) -> dict[str, Tensor]:
         batch = self.student(features)
