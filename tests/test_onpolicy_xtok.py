@@ -86,9 +86,7 @@ def test_a_student_sample_is_paired_as_the_same_text_written_as_data(gpt2, tmp_p
     assert cut["teacher_input_ids"] == data["teacher_input_ids"][:-1]
     assert cut["teacher_input_ids"][-1] != teacher_eos and cut["labels"][-1] != eos
     last_student, last_teacher = len(data["input_ids"]) - 2, len(data["teacher_input_ids"]) - 2
-    assert _positions(cut) == [
-        (s, t) for s, t in _positions(data) if s != last_student and t != last_teacher
-    ]
+    assert _positions(cut) == [(s, t) for s, t in _positions(data) if s != last_student and t != last_teacher]
     assert len(_positions(cut)) == len(_positions(data)) - 1  # EOS aligned with EOS: one pair fewer
     # EOS at once: the example's only target is EOS, on both sides.
     assert empty == _as_data(items[0], "", gpt2, chars, adapter, lengths)
@@ -136,7 +134,9 @@ def test_the_refusal_is_lifted_but_a_teacher_cache_still_cannot_score_samples(tm
         assert DistillConfig(teacher="t", **common, **policy).problems() == []
         with pytest.raises(UsageError) as err:
             DistillConfig(teacher_cache="c", **common, **policy)
-        assert str(err.value).startswith("--teacher-cache cannot score new text") and ";" not in str(err.value)
+        assert str(err.value).startswith("--teacher-cache cannot score new text") and ";" not in str(
+            err.value
+        )
 
 
 # ---------------------------------------------------------------------------------------- distill runs
@@ -212,7 +212,7 @@ def test_lambda_one_loss_is_the_float64_divergence_of_the_re_encoded_samples(ass
         list(zip(vocab.student_ids, vocab.teacher_ids)), mode="hybrid", divergence="todi", kd_rate=1.0,
         T=2.0, uld_weight=0.5, denom=len(targets),
     )  # fmt: skip
-    assert 0 < len(aligned) and ended < 4  # some samples were cut at 6 tokens
+    assert len(aligned) > 0 and ended < 4  # some samples were cut at 6 tokens
     assert records[0]["ce"] == 0.0 and ref_kd > 0
     assert records[0]["loss"] == pytest.approx(float(ref), rel=1e-5)
     assert records[0]["kd"] == pytest.approx(float(ref_kd), rel=1e-5)
