@@ -22,6 +22,10 @@ Determinism is the design constraint: a step's choice and every sample are funct
 So two processes and one process with gradient accumulation make the same choices, draw the same
 samples and give the same update, and a resumed run (the buffer is part of the checkpoint) continues
 exactly as if it had never stopped.
+
+When the teacher has its own tokenizer (``--cross-tokenizer``), a :class:`Retokenizer` turns each
+sample into a training example of both tokenizers (from its text; see docs/cross_tokenizer.md); this
+module only passes the samples along.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -44,6 +48,8 @@ __all__ = [
     "PolicyOptions",
     "ReplayBuffer",
     "ResponseSource",
+    "Retokenizer",
+    "SamplerTokens",
     "StepBatches",
     "prompt_of",
     "sample_responses",
@@ -51,7 +57,8 @@ __all__ = [
 ]
 
 Kind = Literal["data", "student", "teacher"]
-Encoded = dict[str, list[int]]
+# "input_ids", "labels" (lists of ids); with --cross-tokenizer the teacher's side too (todi.xtok.pairing)
+Encoded = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -160,9 +167,37 @@ def sample_responses(
     )
 
 
+@dataclass(frozen=True)
+class SamplerTokens:
+    """What one sampler (the student or the teacher) generates with, in its own tokens."""
+
+    pad_id: int
+    eos_ids: list[int]
+    max_new_tokens: int
+
+
+class Retokenizer(Protocol):
+    """Builds the training examples of generated responses when the sampler's tokens are not the ones
+    trained on as they are (``--cross-tokenizer``: :class:`todi.xtok.pairing.GeneratedPairing`).
+    ``indices`` are training-example indices, ``responses`` the sampler's ids up to and including EOS."""
+
+    def sampler(self, kind: Kind) -> SamplerTokens: ...
+
+    def prompts(self, indices: Sequence[int], kind: Kind) -> list[list[int]]: ...
+
+    def texts(self, responses: Sequence[list[int]], kind: Kind) -> list[str]: ...
+
+    def pair(self, indices: Sequence[int], responses: Sequence[list[int]], kind: Kind) -> list[Encoded]: ...
+
+
+def _copied(example: Encoded) -> Encoded:
+    return {key: list(value) if isinstance(value, list) else value for key, value in example.items()}
+
+
 class ReplayBuffer:
-    """The last ``capacity`` generated examples (prompt + response ids, labels), oldest first; a state
-    dict of plain lists so the checkpoint stores it as is (accelerate's ``register_for_checkpointing``)."""
+    """The last ``capacity`` generated examples (prompt + response ids, labels, and whatever else their
+    encoding holds, e.g. the teacher's side), oldest first; a state dict of plain lists so the checkpoint
+    stores it as is (accelerate's ``register_for_checkpointing``)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -177,23 +212,18 @@ class ReplayBuffer:
     def draw(self, k: int, rng: random.Random) -> list[Encoded]:
         """``k`` distinct examples (fewer if the buffer holds fewer), copied."""
         picked = rng.sample(range(len(self.examples)), min(k, len(self.examples)))
-        return [{key: list(value) for key, value in self.examples[i].items()} for i in picked]
+        return [_copied(self.examples[i]) for i in picked]
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "capacity": self.capacity,
-            "input_ids": [e["input_ids"] for e in self.examples],
-            "labels": [e["labels"] for e in self.examples],
-        }
+        """``capacity`` and, per key of the examples, its values in buffer order (a buffer saved before
+        the teacher's side was stored has input_ids and labels only: it loads the same way)."""
+        keys = dict.fromkeys(key for e in self.examples for key in e) or ("input_ids", "labels")
+        return {"capacity": self.capacity, **{key: [e[key] for e in self.examples] for key in keys}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.examples = deque(
-            (
-                {"input_ids": list(i), "labels": list(la)}
-                for i, la in zip(state["input_ids"], state["labels"])
-            ),
-            maxlen=self.capacity,
-        )
+        keys = [key for key in state if key != "capacity"]
+        rows = zip(*(state[key] for key in keys))
+        self.examples = deque((_copied(dict(zip(keys, row))) for row in rows), maxlen=self.capacity)
 
 
 @dataclass
@@ -240,12 +270,14 @@ class ResponseSource:
         pad_id: int,
         eos_ids: Sequence[int],
         buffer: ReplayBuffer | None,
+        retokenize: Retokenizer | None = None,
     ) -> None:
         self.options = options
         self.seed = seed
         self.pad_id = pad_id
         self.eos_ids = list(eos_ids)
         self.buffer = buffer
+        self.retokenize = retokenize
 
     def kind(self, step: int) -> Kind:
         """The responses of optimizer step ``step`` (0-based): a function of (seed, step) alone."""
@@ -287,30 +319,41 @@ class ResponseSource:
                 else []
             )
             to_generate = list(indices[: len(indices) - len(drawn)])
-            prompts = [prompt_of(examples[i]) for i in to_generate]
+            tokens = self._sampler(kind)
+            if self.retokenize is None:
+                prompts = [prompt_of(examples[i]) for i in to_generate]
+            else:
+                prompts = self.retokenize.prompts(to_generate, kind)
             seeds = [sequence_seed("todi-sample", self.seed, step, kind, i) for i in to_generate]
             responses = sample_responses(
                 generators[kind],
                 prompts,
                 seeds,
-                self.options,
-                pad_id=self.pad_id,
-                eos_ids=self.eos_ids,
+                replace(self.options, max_new_tokens=tokens.max_new_tokens),
+                pad_id=tokens.pad_id,
+                eos_ids=tokens.eos_ids,
                 device=device,
                 synced_gpus=synced_gpus,
             )
-            made = [
-                {"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r}
-                for p, r in zip(prompts, responses)
-            ]
+            if self.retokenize is None:
+                made = [
+                    {"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r}
+                    for p, r in zip(prompts, responses)
+                ]
+            else:
+                made = self.retokenize.pair(to_generate, responses, kind)
             stats.sequences += len(made)
             stats.tokens += sum(len(r) for r in responses)
-            stats.eos += sum(bool(r) and r[-1] in self.eos_ids for r in responses)
+            stats.eos += sum(bool(r) and r[-1] in tokens.eos_ids for r in responses)
             stats.replayed += len(drawn)
-            samples += [
+            new_samples = [
                 {"step": step + 1, "kind": kind, "example": i, "prompt_ids": p, "response_ids": r}
                 for i, p, r in zip(to_generate, prompts, responses)
             ]
+            if self.retokenize is not None:  # the text both sides were encoded from
+                for sample, text in zip(new_samples, self.retokenize.texts(responses, kind)):
+                    sample["text"] = text
+            samples += new_samples
             fresh.append((micro, made))
             batches.append(made + drawn)
         stats.seconds = time.perf_counter() - started
@@ -328,6 +371,11 @@ class ResponseSource:
         tokens = sum(len(e["input_ids"]) for b in batches for e in b)
         kd_rate = None if kind == "teacher" or self.options.on_policy_ce else 1.0
         return StepBatches(batches, kind, num_items, tokens, kd_rate, stats, samples)
+
+    def _sampler(self, kind: Kind) -> SamplerTokens:
+        if self.retokenize is not None:
+            return self.retokenize.sampler(kind)
+        return SamplerTokens(self.pad_id, self.eos_ids, self.options.max_new_tokens)
 
     def _replay_count(self, batch_size: int) -> int:
         if self.buffer is None or not len(self.buffer) or self.options.replay_ratio <= 0:

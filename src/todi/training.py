@@ -597,7 +597,9 @@ class DistillConfig(TrainConfig):
     gen_top_p: float = option(1.0, "nucleus sampling of the generated responses; 1 = off")
     gen_top_k: int = option(0, "top-k sampling of the generated responses; 0 = off")
     gen_max_new_tokens: int | None = option(
-        None, "tokens per generated response (default: the longest response in the training data)"
+        None,
+        "tokens per generated response, in the sampler's own tokens (default: the longest response in the "
+        "training data, in those tokens)",
     )
     save_samples: bool = option(False, "write every generated response to samples.jsonl in --out")
     cross_tokenizer: Literal["refuse", "hybrid", "uld"] = option(
@@ -720,11 +722,6 @@ class DistillConfig(TrainConfig):
             out.append(
                 "--teacher-cache cannot score new text: --lmbda > 0 and --seq-kd need the teacher model "
                 "(--teacher)"
-            )
-        if self.cross_tokenizer != "refuse" and (self.lmbda > 0 or self.seq_kd):
-            out.append(
-                "--lmbda > 0 and --seq-kd are not yet supported with --cross-tokenizer (the teacher would have "
-                "to re-encode every sampled response); use one or the other"
             )
         if self.replay_buffer < 0:
             out.append(f"--replay-buffer must be >= 0, got {self.replay_buffer}")
@@ -1069,13 +1066,22 @@ def _setup_policy(config: TrainConfig, data: _Data) -> PolicyOptions | None:
     policy = config.policy_options(max(longest_response, 1))
     if not policy.generates:
         return None
-    needed = max(prompts) + policy.max_new_tokens
-    for flag, path in (("--student", config.student_path), ("--teacher", config.teacher_path)):
+    # (longest prompt, new tokens) each model reads while it generates or scores a generated sequence.
+    lengths = {"--student": (max(prompts), policy.max_new_tokens)}
+    lengths["--teacher"] = lengths["--student"]
+    if data.xtok is not None:
+        # Each model samples in its own tokens; the other scores the text re-encoded within --max-length.
+        lengths = {"--student": lengths["--student"]} if policy.lmbda > 0 else {}
+        if policy.seq_kd:
+            prompt, response = data.xtok.longest_teacher_generation(data.train_set)
+            lengths["--teacher"] = (prompt, config.gen_max_new_tokens or max(response, 1))
+    for flag, (prompt, new) in lengths.items():
+        path = config.student_path if flag == "--student" else config.teacher_path
         positions = _max_positions(path, config.trust_remote_code)
-        if positions is not None and needed > positions:
+        if positions is not None and prompt + new > positions:
             raise UsageError(
-                f"a generated sequence can reach {needed} tokens (longest prompt {max(prompts)} + "
-                f"--gen-max-new-tokens {policy.max_new_tokens}), past the {positions} positions of {flag} {path}",
+                f"a generated sequence can reach {prompt + new} tokens (longest prompt {prompt} + "
+                f"--gen-max-new-tokens {new}), past the {positions} positions of {flag} {path}",
                 "lower --gen-max-new-tokens or --max-prompt-length",
             )
     return policy
@@ -1277,14 +1283,27 @@ def _setup_responses(
     if policy is None:
         return None
     from todi.evaluation import eos_token_ids
-    from todi.onpolicy import ReplayBuffer, ResponseSource
+    from todi.onpolicy import ReplayBuffer, ResponseSource, SamplerTokens
 
     buffer = ReplayBuffer(policy.replay_buffer) if policy.replay_buffer else None
     if buffer is not None:
         accelerator.register_for_checkpointing(buffer)
-    eos_ids = eos_token_ids(accelerator.unwrap_model(model).student, data.tokenizer)
+    unwrapped = accelerator.unwrap_model(model)
+    pad_id, eos_ids = data.collate.pad_token_id, eos_token_ids(unwrapped.student, data.tokenizer)
+    retokenize = None
+    if data.xtok is not None:  # samples become text, re-encoded by both tokenizers
+        _, longest = data.xtok.longest_teacher_generation(data.train_set)
+        retokenize = data.xtok.generated_pairing(
+            data.train_set,
+            SamplerTokens(pad_id, eos_ids, policy.max_new_tokens),
+            SamplerTokens(
+                data.xtok.teacher_pad_id,
+                eos_token_ids(unwrapped.teacher, data.xtok.teacher_tokenizer),
+                config.gen_max_new_tokens or max(longest, 1),
+            ),
+        )
     return ResponseSource(
-        policy, seed=config.seed, pad_id=data.collate.pad_token_id, eos_ids=eos_ids, buffer=buffer
+        policy, seed=config.seed, pad_id=pad_id, eos_ids=eos_ids, buffer=buffer, retokenize=retokenize
     )
 
 

@@ -5,11 +5,13 @@ own tokenizer (its own BOS/EOS rule, chat template and truncation, same lengths 
 response is additionally encoded with character offsets and the two are aligned
 (:mod:`todi.xtok.alignment`). The result is stored in the student's encoded example dicts
 (``teacher_input_ids``, ``xtok_student_pos``, ``xtok_teacher_pos``), so batches, the data plan, resume
-and the data-parallel split are those of same-tokenizer training.
+and the data-parallel split are those of same-tokenizer training. Generated responses (``--lmbda``,
+``--seq-kd``) are paired the same way, from their text (:class:`GeneratedPairing`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,12 +33,22 @@ from todi.data import (
     render_prompt,
     supervised_positions,
 )
+from todi.onpolicy import SamplerTokens
 from todi.xtok.alignment import align, check_offsets, target_boundaries
 from todi.xtok.vocab import VocabMap, load_or_build_vocab_map, require_matches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AlignmentStats", "CrossTokenizerTeacher", "SideEncoding", "encode_side", "pair_examples"]
+__all__ = [
+    "AlignmentStats",
+    "CrossTokenizerTeacher",
+    "GeneratedPairing",
+    "SideEncoding",
+    "encode_side",
+    "pair_examples",
+]
+
+Paired = tuple["SideEncoding", "SideEncoding", list[tuple[int, int]]]
 
 
 @dataclass
@@ -110,17 +122,38 @@ def pair_examples(
     template: str,
     max_prompt_length: int,
     max_length: int,
-) -> tuple[list[tuple[SideEncoding, SideEncoding, list[tuple[int, int]]]], AlignmentStats]:
+) -> tuple[list[Paired], AlignmentStats]:
     """(student encoding, teacher encoding, aligned target pairs) of every example the student keeps, in
     the order :func:`todi.data.encode_examples` keeps them; and the alignment counts."""
+    _, paired, stats = _pair(
+        examples,
+        student_tokenizer,
+        teacher_tokenizer,
+        template=template,
+        max_prompt_length=max_prompt_length,
+        max_length=max_length,
+    )
+    return paired, stats
+
+
+def _pair(
+    examples: Sequence[Example],
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    *,
+    template: str,
+    max_prompt_length: int,
+    max_length: int,
+) -> tuple[list[Example], list[Paired], AlignmentStats]:
+    """:func:`pair_examples`, with the examples it kept."""
     check_offsets(student_tokenizer, "student")
     check_offsets(teacher_tokenizer, "teacher")
     lengths = {"template": template, "max_prompt_length": max_prompt_length, "max_length": max_length}
     students = encode_side(examples, student_tokenizer, **lengths)
     teachers = encode_side(examples, teacher_tokenizer, **lengths)
     stats = AlignmentStats()
-    paired = []
-    for student, teacher in zip(students, teachers):
+    paired, kept = [], []
+    for example, student, teacher in zip(examples, students, teachers):
         if student is None:
             continue
         if teacher is None:  # unreachable while max_prompt_length < max_length, kept for safety
@@ -130,7 +163,35 @@ def pair_examples(
         ]
         stats.add(len(student.boundaries), len(teacher.boundaries), len(pairs))
         paired.append((student, teacher, pairs))
-    return paired, stats
+        kept.append(example)
+    return kept, paired, stats
+
+
+def _teacher_side(student: SideEncoding, teacher: SideEncoding, pairs: list[tuple[int, int]]) -> dict:
+    """The keys :meth:`CrossTokenizerTeacher.attach` adds to the student's features of one example."""
+    student_pos = [student.prompt_length + j - 1 for j, _ in pairs]
+    teacher_pos = [teacher.prompt_length + k - 1 for _, k in pairs]
+    # For a teacher cache: its rows of an example are the teacher's supervised positions in order, the
+    # first being the one before the first response token (none when nothing precedes it).
+    first = max(teacher.prompt_length - 1, 0)
+    return {
+        "teacher_input_ids": teacher.features["input_ids"],
+        "xtok_student_pos": student_pos,
+        "xtok_teacher_pos": teacher_pos,
+        "xtok_teacher_rows": [p - first if p >= 0 else -1 for p in teacher_pos],
+        "xtok_teacher_count": supervised_positions(teacher.features),
+        "xtok_teacher_digest": example_digest(teacher.features),
+    }
+
+
+def _without_eos(side: SideEncoding) -> tuple[SideEncoding, int | None]:
+    """``side`` without its EOS target (a sampled response cut by --gen-max-new-tokens did not end), and
+    the index of the target removed (None when it had none: already cut by --max-length)."""
+    kept = len(side.boundaries)
+    if kept <= len(side.response_ids):
+        return side, None
+    features = {key: value[:-1] for key, value in side.features.items()}
+    return dataclasses.replace(side, features=features, boundaries=side.boundaries[:-1]), kept - 1
 
 
 class CrossTokenizerTeacher:
@@ -152,6 +213,7 @@ class CrossTokenizerTeacher:
         self.unaligned = unaligned
         pad = teacher_tokenizer.pad_token_id
         self.teacher_pad_id = pad if pad is not None else _eos_id(teacher_tokenizer)
+        self.train: _TrainingPrompts | None = None
 
     @classmethod
     def build(
@@ -194,16 +256,45 @@ class CrossTokenizerTeacher:
             sets.append(("dev", config.dev, config.dev_max_examples, dev_set))
         for split, source, limit, encoded in sets:
             examples = load_examples(source, split, max_examples=limit)
-            stats = adapter.attach(examples, student_tokenizer, encoded, **lengths)
+            stats, kept, paired = adapter._attach(examples, student_tokenizer, encoded, **lengths)
             logger.info("%s (%s)", stats.summary(), split)
+            if split == "train":  # what generated responses are paired from (GeneratedPairing)
+                adapter.train = _TrainingPrompts(
+                    kept, [t.prompt_length for _, t, _ in paired], student_tokenizer, lengths
+                )
         return adapter
+
+    def generated_pairing(
+        self, train_set: list[dict], student: SamplerTokens, teacher: SamplerTokens
+    ) -> GeneratedPairing:
+        """The :class:`todi.onpolicy.Retokenizer` of ``train_set`` (built and attached by :meth:`build`)
+        for samplers generating with ``student`` / ``teacher``."""
+        if self.train is None or len(self.train.examples) != len(train_set):
+            raise DataError(
+                "on-policy generation with --cross-tokenizer needs the training set the adapter was built on",
+                "report this as a bug in todi",
+            )
+        return GeneratedPairing(self, train_set, {"student": student, "teacher": teacher})
+
+    def longest_teacher_generation(self, train_set: list[dict]) -> tuple[int, int]:
+        """(longest prompt, longest response) of the training set in the teacher's tokens."""
+        if self.train is None:
+            raise DataError("the adapter holds no training set", "report this as a bug in todi")
+        prompts = self.train.teacher_prompt_lengths
+        responses = [len(f["teacher_input_ids"]) - n for f, n in zip(train_set, prompts)]
+        return max(prompts), max(responses)
 
     def attach(
         self, examples: Sequence[Example], student_tokenizer: Any, encoded: list[dict], **lengths: Any
     ) -> AlignmentStats:
         """Store the teacher's input ids and the aligned positions (after the shift) in ``encoded``, the
         student's encoding of ``examples``."""
-        paired, stats = pair_examples(examples, student_tokenizer, self.teacher_tokenizer, **lengths)
+        return self._attach(examples, student_tokenizer, encoded, **lengths)[0]
+
+    def _attach(
+        self, examples: Sequence[Example], student_tokenizer: Any, encoded: list[dict], **lengths: Any
+    ) -> tuple[AlignmentStats, list[Example], list[Paired]]:
+        kept, paired, stats = _pair(examples, student_tokenizer, self.teacher_tokenizer, **lengths)
         if len(paired) != len(encoded):
             raise DataError(
                 f"the student's encoding kept {len(encoded)} examples, the cross-tokenizer pairing {len(paired)}",
@@ -215,18 +306,8 @@ class CrossTokenizerTeacher:
                     "the student's tokens differ between two encodings of the same example",
                     "report this as a bug in todi (its tokenizer may not be deterministic)",
                 )
-            features["teacher_input_ids"] = teacher.features["input_ids"]
-            features["xtok_student_pos"] = [student.prompt_length + j - 1 for j, _ in pairs]
-            features["xtok_teacher_pos"] = [teacher.prompt_length + k - 1 for _, k in pairs]
-            # For a teacher cache: its rows of an example are the teacher's supervised positions in order,
-            # the first being the one before the first response token (none when nothing precedes it).
-            first = max(teacher.prompt_length - 1, 0)
-            features["xtok_teacher_rows"] = [
-                p - first if p >= 0 else -1 for p in features["xtok_teacher_pos"]
-            ]
-            features["xtok_teacher_count"] = supervised_positions(teacher.features)
-            features["xtok_teacher_digest"] = example_digest(teacher.features)
-        return stats
+            features.update(_teacher_side(student, teacher, pairs))
+        return stats, kept, paired
 
     @staticmethod
     def cache_rows(cache: Any, encoded: list[dict], data: str) -> list[int]:
@@ -298,9 +379,96 @@ class CrossTokenizerTeacher:
         return loss_fn
 
 
+@dataclass
+class _TrainingPrompts:
+    """The training examples as kept (the order of the encoded training set), their teacher prompt
+    lengths, and how they were encoded: what a generated response is paired with."""
+
+    examples: list[Example]
+    teacher_prompt_lengths: list[int]
+    student_tokenizer: Any
+    lengths: dict[str, Any]
+
+
+class GeneratedPairing:
+    """The training examples of generated responses with ``--cross-tokenizer`` (a
+    :class:`todi.onpolicy.Retokenizer`).
+
+    A response is sampled in the sampler's own tokens (the student's for ``--lmbda``, the teacher's from
+    its own prompt for ``--seq-kd``), decoded to text, and that text becomes the response of the training
+    example: both sides are encoded and aligned from it as :func:`pair_examples` does for data. The
+    student thus trains on the canonical encoding of the text, which differs from the sampled ids where
+    sampling produced a non-canonical tokenization (counted in a debug log). A response cut by
+    ``--gen-max-new-tokens`` did not end: neither side gets an EOS target.
+    """
+
+    def __init__(
+        self, adapter: CrossTokenizerTeacher, train_set: list[dict], samplers: dict[str, SamplerTokens]
+    ) -> None:
+        assert adapter.train is not None
+        self.train = adapter.train
+        self.train_set = train_set
+        self.samplers = samplers
+        self.tokenizers = {"student": adapter.train.student_tokenizer, "teacher": adapter.teacher_tokenizer}
+        self.non_canonical = 0  # responses whose sampled ids are not their text's encoding
+
+    def sampler(self, kind: str) -> SamplerTokens:
+        return self.samplers[kind]
+
+    def prompts(self, indices: Sequence[int], kind: str) -> list[list[int]]:
+        """Each example's prompt ids in the sampler's tokens."""
+        from todi.onpolicy import prompt_of
+
+        if kind == "student":
+            return [prompt_of(self.train_set[i]) for i in indices]
+        lengths = self.train.teacher_prompt_lengths
+        return [list(self.train_set[i]["teacher_input_ids"][: lengths[i]]) for i in indices]
+
+    def _ended(self, response: list[int], kind: str) -> bool:
+        return bool(response) and response[-1] in self.samplers[kind].eos_ids
+
+    def texts(self, responses: Sequence[list[int]], kind: str) -> list[str]:
+        """Each response's text, without its EOS. Special tokens other than EOS stay spelled out: the
+        data's encoding reads such text back as the same special token. No clean-up of spaces: it would
+        change the text the sampler wrote (" ." to ".")."""
+        bodies = [r[:-1] if self._ended(r, kind) else r for r in responses]
+        return self.tokenizers[kind].batch_decode(
+            bodies, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+
+    def pair(self, indices: Sequence[int], responses: Sequence[list[int]], kind: str) -> list[dict]:
+        """The student's encoded example of each response, with the teacher's side attached."""
+        texts = self.texts(responses, kind)
+        examples = [
+            dataclasses.replace(self.train.examples[i], references=(text,)) for i, text in zip(indices, texts)
+        ]
+        _, paired, _ = _pair(examples, *self.tokenizers.values(), **self.train.lengths)
+        if len(paired) != len(examples):  # the prompts are the data's, which were kept
+            raise DataError(
+                "a generated response's example was dropped by the encoding", "report this as a bug in todi"
+            )
+        out = []
+        for response, (student, teacher, pairs) in zip(responses, paired):
+            sampler = student if kind == "student" else teacher
+            body = response[:-1] if self._ended(response, kind) else response
+            self.non_canonical += sampler.response_ids != body
+            if not self._ended(response, kind):
+                student, student_eos = _without_eos(student)
+                teacher, teacher_eos = _without_eos(teacher)
+                pairs = [(j, k) for j, k in pairs if j != student_eos and k != teacher_eos]
+            out.append({**student.features, **_teacher_side(student, teacher, pairs)})
+        if self.non_canonical:
+            logger.debug(
+                "cross-tokenizer on-policy: %d sampled responses so far re-encode to other tokens",
+                self.non_canonical,
+            )
+        return out
+
+
 class _PairedCollator:
     def __init__(self, student: DataCollator, teacher: DataCollator) -> None:
         self.student, self.teacher = student, teacher
+        self.pad_token_id = student.pad_token_id  # it stands in for the student's collator
 
     def __call__(self, features: list[dict]) -> dict[str, Tensor]:
         batch = self.student(features)
