@@ -576,7 +576,7 @@ def test_cached_teacher_rows_vs_float64(gpt2, mode, k, one_intra_op_thread):
     ref, _, ref_kd = reference_loss(
         torch.stack(s_rows), torch.tensor(targets), torch.stack(t_probs), torch.tensor(aligned), pairs_map,
         mode=mode, divergence="todi", kd_rate=0.5, T=2.0, uld_weight=0.7, denom=len(targets),
-        teacher_probs=True,
+        teacher_probs=True, unaligned_ce=True,  # --unaligned ce, the default
     )  # fmt: skip
     assert 0 < len(aligned) < len(targets) and ref_kd > 0
     options = {"divergence": "todi", "kd_rate": 0.5, "temperature": 2.0}

@@ -210,7 +210,7 @@ def test_lambda_one_loss_is_the_float64_divergence_of_the_re_encoded_samples(ass
     ref, _, ref_kd = reference_loss(
         torch.stack(s_rows), torch.tensor(targets), torch.stack(t_rows), torch.tensor(aligned),
         list(zip(vocab.student_ids, vocab.teacher_ids)), mode="hybrid", divergence="todi", kd_rate=1.0,
-        T=2.0, uld_weight=0.5, denom=len(targets),
+        T=2.0, uld_weight=0.5, denom=len(targets), unaligned_ce=True,  # --unaligned ce, the default
     )  # fmt: skip
     assert len(aligned) > 0 and ended < 4  # some samples were cut at 6 tokens
     assert records[0]["ce"] == 0.0 and ref_kd > 0
