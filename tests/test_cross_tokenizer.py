@@ -450,6 +450,20 @@ def test_slow_tokenizer_refused_with_a_hint():
     assert "fast" in err.value.hint and "\n" not in str(err.value) + err.value.hint
 
 
+def test_chat_conversations_refused_with_a_hint(gpt2):
+    from todi.formats import Turn
+
+    chat = Example(
+        "",
+        references=("hi",),
+        source="chat.jsonl:3",
+        turns=(Turn("user", "hello", False), Turn("assistant", "hi", True)),
+    )
+    with pytest.raises(DataError) as err:
+        pair_examples([chat], gpt2, char_tokenizer(), **LENGTHS)
+    assert "chat.jsonl:3 is a chat conversation" in str(err.value) and "prompt/completion" in err.value.hint
+
+
 def test_no_matched_vocabulary_refused():
     letters, digits = char_tokenizer("abcdef"), char_tokenizer("0123456789")
     vocab_map = build_vocab_map(letters, digits)

@@ -39,16 +39,12 @@ def rouge(cells: dict[int, dict[str, Any]]) -> dict[int, float]:
 
 
 def paired(run: dict[str, Any]) -> list[PairedDifference]:
-    """Every variant minus each reference, over the seeds both finished (at least two)."""
+    """The configured comparisons (variant minus reference), over the seeds both finished (at least two)."""
     out = []
-    for reference in run["info"]["config"]["references"]:
-        ref = rouge(run["results"].get(reference, {}))
-        for variant, cells in run["results"].items():
-            scores = rouge(cells)
-            if variant != reference and len(set(scores) & set(ref)) >= 2:
-                if any(d.name == reference and d.reference == variant for d in out):
-                    continue  # the same pair the other way round
-                out.append(paired_by_key(scores, ref, name=variant, reference=reference))
+    for variant, reference in run["info"]["config"]["comparisons"]:
+        scores, ref = rouge(run["results"].get(variant, {})), rouge(run["results"].get(reference, {}))
+        if len(set(scores) & set(ref)) >= 2:
+            out.append(paired_by_key(scores, ref, name=variant, reference=reference))
     return out
 
 
@@ -56,11 +52,13 @@ def describe(spec: dict[str, Any]) -> str:
     if spec["loss"] == "sft":
         return "SFT (cross-entropy only)"
     mode = spec.get("cross_tokenizer", "refuse")
+    unaligned = f"--unaligned {spec.get('unaligned', 'ce')}"
     if mode == "uld":
-        return "ULD alone (`--cross-tokenizer uld`)"
+        return f"`--cross-tokenizer uld {unaligned}` (ULD alone)"
     if mode == "hybrid":
-        return f"`--cross-tokenizer hybrid --loss {spec['loss']}` (+ ULD on the rest, weight {spec.get('uld_weight', 1.0):g})"
-    return f"`--loss {spec['loss']}`, same tokenizer as the teacher"
+        weight = spec.get("uld_weight", 1.0)
+        return f"`--cross-tokenizer hybrid --loss {spec['loss']} {unaligned}` (+ ULD on the rest, weight {weight:g})"
+    return f"`--loss {spec['loss']}`, the teacher's tokenizer"
 
 
 def variant_table(run: dict[str, Any]) -> str:

@@ -12,7 +12,8 @@ only the tokenizers differ: both are built from the demo's text by config.yaml's
 is trained here from scratch with its own tokenizer (the demo's cached teacher has the demo's). Every
 finished cell writes OUT/results/<variant>/seed<k>.json atomically; a rerun skips the cells that have one,
 so a killed run continues where it stopped. Cells run seed by seed, so a run cut short holds complete
-pairs; several copies may run at once (ablation_demo's cell locks).
+pairs; several copies may run at once (ablation_demo's cell locks). Seeds and variants may be added to a
+finished run (the other cells are kept); a change to what an existing cell computes is refused.
 """
 
 from __future__ import annotations
@@ -77,6 +78,18 @@ def load_config(path: Path, quick: bool) -> dict[str, Any]:
                 f"{spec.get('tokenizer')!r} not in tokenizers ({', '.join(config['tokenizers'])})"
             )
     return config
+
+
+def clashes(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """What in ``new`` would change the cells an earlier invocation computed with ``old``, if anything.
+    Seeds, variants and comparisons may be added: every cell depends only on its own settings."""
+    for key in ("profile", "seed", "tokenizers", "teacher_tokenizer", "report"):
+        if old.get(key) != new.get(key):
+            return f"{key} differs"
+    for name in set(old["variants"]) & set(new["variants"]):
+        if old["variants"][name] != new["variants"][name]:
+            return f"variant {name} differs"
+    return None
 
 
 def profile_of(config: dict[str, Any]) -> Any:
@@ -288,8 +301,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     info_path = out / "run_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    if info.get("config", config) != config:
-        sys.exit(f"{out} holds a run of another configuration ({info_path}); choose another --out")
+    if "config" in info and (clash := clashes(info["config"], config)):
+        sys.exit(f"{out} holds a run of another configuration ({clash}; {info_path}); choose another --out")
     info |= {
         "config": config,
         "quick": args.quick,

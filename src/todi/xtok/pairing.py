@@ -69,6 +69,14 @@ def encode_side(
     """Every example as :func:`todi.data.encode_examples` encodes it (None where it is dropped), with the
     response's character offsets."""
     check_template(template, tokenizer)
+    for ex in examples:
+        if ex.turns:  # their loss spans several turns, each encoded through the chat template
+            raise DataError(
+                f"{ex.source or 'an example'} is a chat conversation ('messages'), which --cross-tokenizer "
+                "cannot align yet (it pairs one prompt with one response)",
+                "give that data as prompt/response records (instruction/output or prompt/completion), or "
+                "distil it with a teacher of the student's tokenizer",
+            )
     bos, eos = _bos_prefix(tokenizer, template), _eos_id(tokenizer)
     prompts = _tokenize(tokenizer, [render_prompt(ex, template, tokenizer) for ex in examples])
     texts = [ex.output for ex in examples]
