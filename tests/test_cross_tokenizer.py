@@ -330,11 +330,13 @@ def test_identical_tokenizers_hybrid_is_plain_distillation(gpt2, divergence, one
             assert abs(float(out.todi_weight) - float(plain.todi_weight)) <= 1e-6
 
 
-@pytest.mark.parametrize("mode, unaligned", [("hybrid", "skip"), ("uld", "skip"), ("hybrid", "ce")])
-def test_causal_lm_loss_vs_float64_from_both_models(gpt2, mode, unaligned, one_intra_op_thread):
+def two_model_batch(gpt2, mode: str, seed: int, emoji_at: int):
+    """A GPT-2-tokenizer student and a character-level teacher on a paired batch whose example
+    ``emoji_at`` ends with an emoji GPT-2 splits over two tokens (so not every position aligns); the
+    adapter, batch, pairs, both models and their logits."""
     chars = char_tokenizer()
-    items = examples(4, seed=2)
-    items[1] = Example(items[1].instruction, references=(items[1].output + " 😀 ok",))  # splits over 2 tokens
+    items = examples(4, seed=seed)
+    items[emoji_at] = Example(items[emoji_at].instruction, references=(items[emoji_at].output + " 😀 ok",))
     adapter, batch = paired_batch(gpt2, chars, mode, items)
     paired, _ = pair_examples(items, gpt2, chars, **LENGTHS)
     student, teacher = llama(gpt2, 16, seed=3), llama(chars, 16, seed=4)
@@ -343,6 +345,12 @@ def test_causal_lm_loss_vs_float64_from_both_models(gpt2, mode, unaligned, one_i
         t_logits = teacher(
             input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]
         ).logits
+    return chars, adapter, batch, paired, student, teacher, s_logits, t_logits
+
+
+@pytest.mark.parametrize("mode, unaligned", [("hybrid", "skip"), ("uld", "skip"), ("hybrid", "ce")])
+def test_causal_lm_loss_vs_float64_from_both_models(gpt2, mode, unaligned, one_intra_op_thread):
+    chars, adapter, batch, paired, student, teacher, s_logits, t_logits = two_model_batch(gpt2, mode, 2, 1)
     # The reference re-derives every row from the pairs, not from the batch's position tensor.
     s_rows, targets, t_rows, aligned = [], [], [], []
     for b, (s_enc, t_enc, pairs) in enumerate(paired):
@@ -549,17 +557,7 @@ def test_cached_teacher_rows_vs_float64(gpt2, mode, k, one_intra_op_thread):
     picked at the aligned ones through the batch's xtok_cache_row, against the float64 formula."""
     from todi.losses.sparse import SparseTeacher
 
-    chars = char_tokenizer()
-    items = examples(4, seed=5)
-    items[2] = Example(items[2].instruction, references=(items[2].output + " 😀 ok",))  # splits over 2 tokens
-    adapter, batch = paired_batch(gpt2, chars, mode, items)
-    paired, _ = pair_examples(items, gpt2, chars, **LENGTHS)
-    student, teacher = llama(gpt2, 16, seed=3), llama(chars, 16, seed=4)
-    with torch.no_grad():
-        s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        t_logits = teacher(
-            input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]
-        ).logits
+    chars, adapter, batch, paired, student, _teacher, s_logits, t_logits = two_model_batch(gpt2, mode, 5, 2)
     k = k or len(chars)
     # The cache's rows: every supervised teacher position, example by example (as cache-teacher stores).
     cache_rows = torch.cat(
