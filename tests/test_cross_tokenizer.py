@@ -250,9 +250,10 @@ def reference_loss(
             a = torch.sigmoid(beta * (p.log() - q.log())).detach()
             value = (a * p * (p.log() - q.log()) + (1 - a) * q * (q.log() - p.log())).sum()
         kd = kd + value + uld_weight * uld(q_all[rest_s], p_all[rest_t])
-    if unaligned_ce:  # the data's token stands in for the teacher where no teacher row is aligned
+    if unaligned_ce is not False:  # the data's token stands in for the teacher where no row is aligned
+        eligible = [True] * s.shape[0] if unaligned_ce is True else unaligned_ce
         for r in range(s.shape[0]):
-            if r not in aligned.tolist():
+            if eligible[r] and r not in aligned.tolist():
                 kd = kd + torch.nn.functional.cross_entropy(s[r : r + 1], targets[r : r + 1], reduction="sum")
     return ((1 - kd_rate) * ce + kd_rate * kd) / denom, ce / denom, kd / denom
 
@@ -348,14 +349,19 @@ def two_model_batch(gpt2, mode: str, seed: int, emoji_at: int):
     return chars, adapter, batch, paired, student, teacher, s_logits, t_logits
 
 
-@pytest.mark.parametrize("mode, unaligned", [("hybrid", "skip"), ("uld", "skip"), ("hybrid", "ce")])
+@pytest.mark.parametrize(
+    "mode, unaligned", [("hybrid", "skip"), ("uld", "skip"), ("hybrid", "ce"), ("hybrid", "ce-own-sample")]
+)
 def test_causal_lm_loss_vs_float64_from_both_models(gpt2, mode, unaligned, one_intra_op_thread):
     chars, adapter, batch, paired, student, teacher, s_logits, t_logits = two_model_batch(gpt2, mode, 2, 1)
+    if unaligned == "ce-own-sample":  # example 1 (the one with unaligned positions) is the student's sample
+        batch["xtok_stand_in"][1] = False
     # The reference re-derives every row from the pairs, not from the batch's position tensor.
-    s_rows, targets, t_rows, aligned = [], [], [], []
+    s_rows, targets, t_rows, aligned, own = [], [], [], [], []
     for b, (s_enc, t_enc, pairs) in enumerate(paired):
         first = len(s_rows)
         for j in range(len(s_enc.boundaries)):
+            own.append(unaligned == "ce-own-sample" and b == 1)
             s_rows.append(s_logits[b, s_enc.prompt_length + j - 1])
             targets.append(s_enc.features["input_ids"][s_enc.prompt_length + j])
         for j, k in pairs:
@@ -376,10 +382,11 @@ def test_causal_lm_loss_vs_float64_from_both_models(gpt2, mode, unaligned, one_i
         T=2.0,
         uld_weight=0.7,
         denom=len(targets),
-        unaligned_ce=unaligned == "ce",
+        unaligned_ce=False if unaligned == "skip" else [not o for o in own],
     )
     assert 0 < len(aligned) < len(targets)
-    options = {"divergence": "todi", "kd_rate": 0.5, "temperature": 2.0, "unaligned": unaligned}
+    mode_option = "skip" if unaligned == "skip" else "ce"
+    options = {"divergence": "todi", "kd_rate": 0.5, "temperature": 2.0, "unaligned": mode_option}
     for fused in (False, True):
         loss_fn = adapter.loss_fn(options, gpt2, len(gpt2), len(chars), chunk_size=16)
         with torch.no_grad():
@@ -763,3 +770,40 @@ def test_ddp_two_processes_match_grad_accum_two(pair_dir, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     for x, y in zip(train_records(tmp_path / "ddp"), train_records(tmp_path / "single"), strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["kd"] == pytest.approx(y["kd"], rel=1e-5)
+
+
+def test_cache_locate_follows_digests_and_names_the_missing_example():
+    from todi.cache import TeacherCache
+
+    class Stored:  # what locate reads of an opened cache
+        path, manifest = "cache", {"data": "d.jsonl", "data_file_sha256": "ab" * 32}
+
+        def digests(self) -> list[int]:
+            return [11, 22, 33, 22]
+
+        def __len__(self) -> int:
+            return 4
+
+    cache = Stored()
+    # In order where they match; shifted by a dropped example, by digest (the first holder of a repeat).
+    assert TeacherCache.locate(cache, [11, 22, 33], "d.jsonl") == [0, 1, 2]
+    assert TeacherCache.locate(cache, [11, 33, 22], "d.jsonl") == [0, 2, 1]
+    with pytest.raises(DataError) as err:
+        TeacherCache.locate(cache, [11, 44], "d.jsonl", ["d.jsonl:1", "d.jsonl:3"])
+    assert str(err.value).startswith(
+        "d.jsonl:3, encoded with the teacher's tokenizer, is not in teacher cache"
+    )
+
+
+def test_resume_compares_unaligned_only_where_it_acts():
+    from todi.run_record import _comparable
+
+    # A cross-tokenizer run recorded before --unaligned existed used what is now --unaligned skip.
+    assert _comparable({"cross_tokenizer": "hybrid"}, added_later=True)["unaligned"] == "skip"
+    assert _comparable({"cross_tokenizer": "uld", "unaligned": "ce"}, added_later=True)["unaligned"] == "ce"
+    # Without --cross-tokenizer the option does nothing: never compared, recorded or not.
+    assert "unaligned" not in _comparable(
+        {"cross_tokenizer": "refuse", "unaligned": "skip"}, added_later=True
+    )
+    assert "unaligned" not in _comparable({"cross_tokenizer": "refuse", "unaligned": "ce"})
+    assert "unaligned" not in _comparable({"loss": "sft"}, added_later=True)

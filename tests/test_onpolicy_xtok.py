@@ -42,12 +42,13 @@ def _write(path, records) -> str:
     return str(path)
 
 
-def _as_data(item: Example, text: str, student, teacher, adapter, lengths) -> dict:
-    """The attached features of ``item`` with response ``text``, through the data path."""
+def _as_data(item: Example, text: str, student, teacher, adapter, lengths, stand_in: int = 0) -> dict:
+    """The attached features of ``item`` with response ``text``, through the data path; ``stand_in``: may
+    the text's tokens stand in for the teacher at unaligned positions (not for the student's own sample)."""
     written = Example(item.instruction, item.input, references=(text,))
     (features,), _ = encode_examples([written], student, **lengths)
     adapter.attach([written], student, [features], **lengths)
-    return features
+    return {**features, "xtok_stand_in": stand_in}
 
 
 def _positions(features) -> list[tuple[int, int]]:
@@ -121,7 +122,7 @@ def test_a_teacher_sample_starts_from_the_teachers_prompt_and_skips_dropped_exam
     assert pairing.prompts([1], "student") == [chars("a dog")["input_ids"]]
     sampled = gpt2(" moon star")["input_ids"]
     (made,) = pairing.pair([1], [[*sampled, teacher_eos]], "teacher")
-    assert made == _as_data(items[2], " moon star", chars, gpt2, adapter, lengths)
+    assert made == _as_data(items[2], " moon star", chars, gpt2, adapter, lengths, stand_in=1)
     assert made["input_ids"] == chars("a dog moon star")["input_ids"] + [eos]
 
 
@@ -210,7 +211,7 @@ def test_lambda_one_loss_is_the_float64_divergence_of_the_re_encoded_samples(ass
     ref, _, ref_kd = reference_loss(
         torch.stack(s_rows), torch.tensor(targets), torch.stack(t_rows), torch.tensor(aligned),
         list(zip(vocab.student_ids, vocab.teacher_ids)), mode="hybrid", divergence="todi", kd_rate=1.0,
-        T=2.0, uld_weight=0.5, denom=len(targets), unaligned_ce=True,  # --unaligned ce, the default
+        T=2.0, uld_weight=0.5, denom=len(targets), unaligned_ce=False,  # the student's own samples: no stand-in
     )  # fmt: skip
     assert len(aligned) > 0 and ended < 4  # some samples were cut at 6 tokens
     assert records[0]["ce"] == 0.0 and ref_kd > 0

@@ -62,7 +62,7 @@ def describe(spec: dict[str, Any]) -> str:
 
 
 def variant_table(run: dict[str, Any]) -> str:
-    rows = ["| variant | student tokenizer | objective | seeds | ROUGE-L mean ± std | 95% CI | exact match | train s / run |",
+    rows = ["| variant | student tokenizer | objective | seeds | ROUGE-L mean ± std | 95% CI | exact match | train s (median) |",
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for variant, cells in run["results"].items():
         if not cells:
@@ -128,8 +128,7 @@ def section(out: Path) -> tuple[str, dict[str, Any]]:
 Written by `python experiments/xtok_demo/report.py {out}` from the files of
 `python experiments/xtok_demo/run.py --out {out}` ({status}; {cell_s / 60:.0f} min of training and
 evaluation summed over the cells; {info["machine"]}, torch {info["torch"]}, {info["torch_threads"]} torch
-thread(s) per process, two processes side by side on a machine shared with other jobs). Nothing here is
-typed in by hand.
+thread(s) per process). Nothing here is typed in by hand.
 
 **Setup.** The demo's tasks, model sizes, training options and evaluation (src/todi/demo.py, profile
 `{config["profile"] if isinstance(config["profile"], str) else "custom"}`), with two tokenizers built from the

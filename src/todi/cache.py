@@ -63,6 +63,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -720,7 +721,7 @@ class TeacherCache:
                 f"teacher cache {self.path} holds no tail samples, which --cache-tail sampled (the default) "
                 "needs",
                 "rebuild it with `todi cache-teacher --tail-samples 16` (the default), or distil with "
-                "--cache-tail bucket or uniform",
+                "--cache-tail uniform (or bucket, without --cross-tokenizer)",
             )
         self._int16 = self.manifest["id_encoding"].startswith("int16")
         self._starts = [s["first"] for s in self.manifest["shards"]]
@@ -777,8 +778,9 @@ class TeacherCache:
             raise TodiError(
                 f"teacher cache {self.path} holds no teacher tokenizer ({TOKENIZER_FOLDER}/), which a student "
                 "with another tokenizer (--cross-tokenizer) needs to pair its examples with the cache's",
-                "rerun the `todi cache-teacher` command that built it: a complete cache only gains the "
-                "tokenizer, nothing is recomputed",
+                "rerun the `todi cache-teacher` command that built it (a complete cache only gains the "
+                "tokenizer, nothing is recomputed), or save the teacher's tokenizer there yourself "
+                f"(AutoTokenizer.from_pretrained(TEACHER).save_pretrained('{folder}'): its vocabulary is checked)",
             )
         tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
         if tokenizer_hash(tokenizer) != self.manifest["tokenizer_hash"]:
@@ -788,10 +790,11 @@ class TeacherCache:
             )
         return tokenizer
 
-    def locate(self, digests: list[int], data: str) -> list[int]:
+    def locate(self, digests: list[int], data: str, sources: Sequence[str] | None = None) -> list[int]:
         """The cache example holding each of these teacher encodings (by digest): example i where the
         cache's i-th matches, else the first that does. A cross-tokenizer student may drop an example the
-        teacher kept (its own tokens fill --max-length), which shifts the order."""
+        teacher kept (its own tokens fill --max-length), which shifts the order. ``sources`` ("file:line"
+        of each) name a missing one."""
         stored = self.digests()
         first: dict[int, int] = {}
         for i, d in enumerate(stored):
@@ -804,8 +807,9 @@ class TeacherCache:
                 found.append(first[d])
             else:
                 m = self.manifest
+                where = sources[i] if sources and sources[i] else f"example {i} of --data {data}"
                 raise DataError(
-                    f"example {i} of --data {data}, encoded with the teacher's tokenizer, is not in teacher "
+                    f"{where}, encoded with the teacher's tokenizer, is not in teacher "
                     f"cache {self.path} (built from {m['data']}, sha256 {str(m['data_file_sha256'])[:12]}, "
                     f"{len(self)} examples)",
                     "distil from the data the cache was built from (same --template and max lengths), or "

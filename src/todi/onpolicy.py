@@ -217,11 +217,19 @@ class ReplayBuffer:
     def state_dict(self) -> dict[str, Any]:
         """``capacity`` and, per key of the examples, its values in buffer order (a buffer saved before
         the teacher's side was stored has input_ids and labels only: it loads the same way)."""
-        keys = dict.fromkeys(key for e in self.examples for key in e) or ("input_ids", "labels")
+        keys = list(self.examples[0]) if self.examples else ["input_ids", "labels"]
+        if any(set(e) != set(keys) for e in self.examples):
+            raise ValueError(
+                f"replay buffer examples differ in their fields (expected {keys}); report this bug"
+            )
         return {"capacity": self.capacity, **{key: [e[key] for e in self.examples] for key in keys}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         keys = [key for key in state if key != "capacity"]
+        if len({len(state[key]) for key in keys}) > 1:
+            raise ValueError(
+                "the checkpoint's replay buffer holds fields of different lengths; it is damaged"
+            )
         rows = zip(*(state[key] for key in keys))
         self.examples = deque((_copied(dict(zip(keys, row))) for row in rows), maxlen=self.capacity)
 
@@ -319,7 +327,7 @@ class ResponseSource:
                 else []
             )
             to_generate = list(indices[: len(indices) - len(drawn)])
-            tokens = self._sampler(kind)
+            sampler = self._sampler(kind)
             if self.retokenize is None:
                 prompts = [prompt_of(examples[i]) for i in to_generate]
             else:
@@ -329,9 +337,9 @@ class ResponseSource:
                 generators[kind],
                 prompts,
                 seeds,
-                replace(self.options, max_new_tokens=tokens.max_new_tokens),
-                pad_id=tokens.pad_id,
-                eos_ids=tokens.eos_ids,
+                replace(self.options, max_new_tokens=sampler.max_new_tokens),
+                pad_id=sampler.pad_id,
+                eos_ids=sampler.eos_ids,
                 device=device,
                 synced_gpus=synced_gpus,
             )
@@ -344,7 +352,7 @@ class ResponseSource:
                 made = self.retokenize.pair(to_generate, responses, kind)
             stats.sequences += len(made)
             stats.tokens += sum(len(r) for r in responses)
-            stats.eos += sum(bool(r) and r[-1] in tokens.eos_ids for r in responses)
+            stats.eos += sum(bool(r) and r[-1] in sampler.eos_ids for r in responses)
             stats.replayed += len(drawn)
             new_samples = [
                 {"step": step + 1, "kind": kind, "example": i, "prompt_ids": p, "response_ids": r}

@@ -72,14 +72,16 @@ LOCKED_ON_RESUME = (
     "optim",  # another optimizer cannot take over this one's state
     "cross_tokenizer",
     "uld_weight",
-    "unaligned",
 )
-# Options a run recorded by an older todi lacks: from its recorded options, the value that todi used in
-# their place (None: the option had no effect there). A resume compares against it; an unrecorded option
-# is otherwise not compared, and its new default would silently change the run.
-ADDED_LATER: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "unaligned": lambda old: "skip" if old.get("cross_tokenizer", "refuse") != "refuse" else None,
+# Options that act only under others: compared on resume only where they act in both records (an older
+# todi may have recorded them where they did nothing).
+ACTS_ONLY_IF: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "unaligned": lambda options: options.get("cross_tokenizer", "refuse") != "refuse",
 }
+# Options a run recorded by an older todi lacks, where they act: the value that todi used in their place.
+# A resume compares against it; an unrecorded option is otherwise not compared, and its new default would
+# silently change the run.
+ADDED_LATER: dict[str, Any] = {"unaligned": "skip"}
 # Options free to change on resume: how long to train, how the run is evaluated, logged, checkpointed
 # and how the loss is computed (not what it computes). Any other change needs --resume-changed.
 FREE_ON_RESUME = frozenset(
@@ -145,6 +147,7 @@ CHANGED_ON_PURPOSE = frozenset(
         "mu",
         "loss_params",
         "todi_weight",
+        "unaligned",
         # on-policy (todi.onpolicy): which responses the steps learn from
         "lmbda",
         "seq_kd",
@@ -206,8 +209,7 @@ def check_resume(
                 "start a new run in another --out",
             )
         return {}
-    old, new = last["options"], recorded_options(config)
-    old = {**{k: v for k, rule in ADDED_LATER.items() if (v := rule(old)) is not None}, **old}
+    old, new = _comparable(last["options"], added_later=True), _comparable(recorded_options(config))
     fixed = [
         f"{k} ({old[k]!r} before, {new[k]!r} now)"
         for k in LOCKED_ON_RESUME
@@ -252,6 +254,13 @@ def check_resume(
     if changes:
         logger.warning("--resume-changed: continuing with changes: %s", ", ".join(changes))
     return changes
+
+
+def _comparable(options: dict[str, Any], added_later: bool = False) -> dict[str, Any]:
+    """``options`` as a resume compares them: those that do not act dropped, those an older record lacks
+    (``added_later``) filled with what that todi used."""
+    out = {**ADDED_LATER, **options} if added_later else dict(options)
+    return {k: v for k, v in out.items() if k not in ACTS_ONLY_IF or ACTS_ONLY_IF[k](out)}
 
 
 def _last_segment(run_dir: Path) -> dict[str, Any] | None:

@@ -126,10 +126,11 @@ def _sums(
     aligned: Tensor,
     kd_rate: float,
     kd: dict,
-    unaligned: str = "skip",
+    stand_in: Tensor | None = None,
 ) -> Tensor:
     """[CE sum, KD sum, FKL-share sum] over rows; ``aligned`` picks the rows ``teacher_logits`` belongs to.
-    ``unaligned="ce"``: with a teacher, the KD sum also holds the CE of the rows without a teacher row."""
+    ``stand_in`` (bool per row, ``--unaligned ce``): with a teacher, the KD sum also holds the CE of those
+    rows that have no teacher row."""
     math_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     zero = student_logits.new_zeros((), dtype=math_dtype)
     ce = F.cross_entropy(student_logits.to(math_dtype), targets, reduction="sum") if kd_rate < 1 else zero
@@ -139,8 +140,8 @@ def _sums(
         kd_sum = value.sum().to(math_dtype)
         if share is not None:
             share_sum = share.sum().to(math_dtype)
-    if unaligned == "ce" and teacher_logits is not None:
-        without = torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
+    if stand_in is not None and teacher_logits is not None:
+        without = stand_in.clone()
         without[aligned] = False
         kd_sum = kd_sum + F.cross_entropy(
             student_logits[without].to(math_dtype), targets[without], reduction="sum"
@@ -195,8 +196,22 @@ def cross_tokenizer_loss(
     check_objective(kd_rate, temperature)
     kd = dict(mode=mode, vocab=vocab, divergence=divergence, temperature=temperature, uld_weight=uld_weight)
     kd |= params
-    sums = _sums(student_logits, targets, teacher_logits, aligned, kd_rate, kd, unaligned)
+    stand_in = torch.ones_like(targets, dtype=torch.bool) if unaligned == "ce" else None
+    sums = _sums(student_logits, targets, teacher_logits, aligned, kd_rate, kd, stand_in)
     return _output(sums, student_logits.shape[0], aligned.numel(), kd_rate, num_items_in_batch, kd)
+
+
+def _stand_in_rows(unaligned: str, batch: dict[str, Tensor], rows: Tensor, width: int) -> Tensor | None:
+    """Per supervised row, whether its CE stands in for a missing teacher row (``--unaligned ce``): every
+    row but those of examples the batch marks as the student's own samples (``xtok_stand_in``)."""
+    if unaligned == "skip":
+        return None
+    if unaligned != "ce":
+        raise ValueError(f"unaligned must be 'ce' or 'skip', got {unaligned!r}")
+    marks = batch.get("xtok_stand_in")
+    if marks is None:
+        return torch.ones_like(rows, dtype=torch.bool)
+    return marks.to(rows.device)[rows // width]
 
 
 def _cached_teacher_logits(rows: SparseTeacher, temperature: float) -> Tensor:
@@ -260,7 +275,6 @@ def causal_lm_cross_tokenizer_loss(
         "attention_mask": batch.get("teacher_attention_mask"),
         "position_ids": batch.get("teacher_position_ids"),
     }
-    common = dict(kd_rate=kd_rate, num_items_in_batch=num_items_in_batch, **kd)
 
     if not fused:
         student_logits = student(**_model_inputs(batch)).logits[:, :-1, :student_vocab]
@@ -272,7 +286,10 @@ def causal_lm_cross_tokenizer_loss(
                 all_teacher = teacher(**_model_inputs(teacher_inputs)).logits[:, :-1, :teacher_vocab]
                 teacher_logits = all_teacher.reshape(-1, all_teacher.shape[-1])[teacher_rows]
         flat = student_logits.reshape(-1, student_logits.shape[-1])[rows]
-        return cross_tokenizer_loss(flat, targets, teacher_logits, aligned, **common)  # type: ignore[arg-type]
+        options = {k: v for k, v in kd.items() if k != "unaligned"}
+        mask = _stand_in_rows(str(kd.get("unaligned", "ce")), batch, rows, width)
+        sums = _sums(flat, targets, teacher_logits, aligned, kd_rate, options, mask)
+        return _output(sums, rows.numel(), aligned.numel(), kd_rate, num_items_in_batch, options)
 
     head = output_head(student)
     hidden = final_hidden_states(student, batch, head)[:, :-1]
@@ -289,7 +306,7 @@ def causal_lm_cross_tokenizer_loss(
         tb = getattr(teacher_head, "bias", None)
         teacher_bias = None if tb is None else tb[:teacher_vocab]
     kd_options = dict(kd)
-    unaligned = str(kd_options.pop("unaligned", "ce"))
+    stand_in = _stand_in_rows(str(kd_options.pop("unaligned", "ce")), batch, rows, width)
     n = rows.numel()
     size = chunk_size or auto_chunk_size(n, student_vocab + teacher_vocab)
     sums = hidden.new_zeros(3, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
@@ -312,7 +329,8 @@ def causal_lm_cross_tokenizer_loss(
             elif t_chunk is not None:
                 with torch.no_grad():
                     t_logits = F.linear(t_chunk, teacher_weight, teacher_bias)
-            return _sums(logits, targets[start:stop], t_logits, local, kd_rate, kd_options, unaligned)
+            rows_in = None if stand_in is None else stand_in[start:stop]
+            return _sums(logits, targets[start:stop], t_logits, local, kd_rate, kd_options, rows_in)
 
         if torch.is_grad_enabled() and hidden.requires_grad:
             sums = sums + checkpoint(chunk_sums, hidden[start:stop], use_reentrant=False)

@@ -33,7 +33,7 @@ from todi.data import (
     render_prompt,
     supervised_positions,
 )
-from todi.onpolicy import SamplerTokens
+from todi.onpolicy import SamplerTokens, prompt_of
 from todi.xtok.alignment import align, check_offsets, target_boundaries
 from todi.xtok.vocab import VocabMap, load_or_build_vocab_map, require_matches
 
@@ -317,16 +317,18 @@ class CrossTokenizerTeacher:
             features.update(_teacher_side(student, teacher, pairs))
         return stats, kept, paired
 
-    @staticmethod
-    def cache_rows(cache: Any, encoded: list[dict], data: str) -> list[int]:
-        """Per example of ``encoded`` (attached), the teacher cache's example holding its teacher encoding
-        (:meth:`todi.cache.TeacherCache.locate`), checked to hold one row per teacher supervised position."""
-        found = cache.locate([f["xtok_teacher_digest"] for f in encoded], data)
+    def cache_rows(self, cache: Any, encoded: list[dict], data: str) -> list[int]:
+        """Per training example of ``encoded`` (attached), the teacher cache's example holding its teacher
+        encoding (:meth:`todi.cache.TeacherCache.locate`), checked to hold one row per teacher supervised
+        position."""
+        sources = [ex.source for ex in self.train.examples] if self.train is not None else None
+        found = cache.locate([f["xtok_teacher_digest"] for f in encoded], data, sources)
         counts = cache.row_counts()
         for i, (features, j) in enumerate(zip(encoded, found)):
             if counts[j] != features["xtok_teacher_count"]:
+                where = sources[i] if sources and sources[i] else f"example {i} of {data}"
                 raise DataError(
-                    f"teacher cache {cache.path} holds {counts[j]} rows for example {i} of {data}, whose "
+                    f"teacher cache {cache.path} holds {counts[j]} rows for {where}, whose "
                     f"teacher encoding has {features['xtok_teacher_count']} supervised positions",
                     "rebuild the cache with this todi (`todi cache-teacher ... --overwrite`)",
                 )
@@ -421,12 +423,11 @@ class GeneratedPairing:
         self.non_canonical = 0  # responses whose sampled ids are not their text's encoding
 
     def sampler(self, kind: str) -> SamplerTokens:
+        """The pad id, EOS ids and new-token budget the ``kind`` model samples with, in its own tokens."""
         return self.samplers[kind]
 
     def prompts(self, indices: Sequence[int], kind: str) -> list[list[int]]:
         """Each example's prompt ids in the sampler's tokens."""
-        from todi.onpolicy import prompt_of
-
         if kind == "student":
             return [prompt_of(self.train_set[i]) for i in indices]
         lengths = self.train.teacher_prompt_lengths
@@ -464,7 +465,12 @@ class GeneratedPairing:
                 student, student_eos = _without_eos(student)
                 teacher, teacher_eos = _without_eos(teacher)
                 pairs = [(j, k) for j, k in pairs if j != student_eos and k != teacher_eos]
-            out.append({**student.features, **_teacher_side(student, teacher, pairs)})
+            # A student's own sample is no stand-in for the teacher: its unaligned positions get no CE
+            # under --unaligned ce (that CE would reward whatever the student sampled).
+            stand_in = int(kind != "student")
+            out.append(
+                {**student.features, **_teacher_side(student, teacher, pairs), "xtok_stand_in": stand_in}
+            )
         if self.non_canonical:
             logger.debug(
                 "cross-tokenizer on-policy: %d sampled responses so far re-encode to other tokens",
@@ -496,6 +502,9 @@ class _PairedCollator:
                     cache_rows[row, list(where)] = torch.tensor(value, dtype=torch.long)
                 base += f["xtok_teacher_count"]
             batch["xtok_cache_row"] = cache_rows
+        # Per example: may the data's token stand in for the teacher at its unaligned positions (not for the
+        # student's own samples)
+        batch["xtok_stand_in"] = torch.tensor([bool(f.get("xtok_stand_in", 1)) for f in features])
         batch["teacher_input_ids"] = teacher["input_ids"]
         batch["teacher_attention_mask"] = teacher["attention_mask"]
         batch["teacher_position_ids"] = teacher["position_ids"]
