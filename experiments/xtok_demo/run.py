@@ -82,10 +82,14 @@ def load_config(path: Path, quick: bool) -> dict[str, Any]:
 
 def clashes(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """What in ``new`` would change the cells an earlier invocation computed with ``old``, if anything.
-    Seeds, variants and comparisons may be added: every cell depends only on its own settings."""
-    for key in ("profile", "seed", "tokenizers", "teacher_tokenizer", "report"):
+    Seeds, variants, tokenizers and comparisons may be added: every cell depends only on its own
+    settings."""
+    for key in ("profile", "seed", "teacher_tokenizer", "report"):
         if old.get(key) != new.get(key):
             return f"{key} differs"
+    for name in set(old["tokenizers"]) & set(new["tokenizers"]):
+        if old["tokenizers"][name] != new["tokenizers"][name]:
+            return f"tokenizer {name} differs"
     for name in set(old["variants"]) & set(new["variants"]):
         if old["variants"][name] != new["variants"][name]:
             return f"variant {name} differs"
@@ -236,14 +240,16 @@ class Study:
         folder.mkdir(parents=True, exist_ok=True)
         return demo._evaluate_on_test({name: models}, self.splits["test"], self.profile, folder)[name]
 
-    def pair_figures(self) -> dict[str, Any]:
-        """xtok-report's figures for the teacher and each other tokenizer (matched mass: trained teacher)."""
+    def pair_figures(self, figures: dict[str, Any]) -> dict[str, Any]:
+        """``figures`` completed with xtok-report's figures for the teacher and each other tokenizer
+        (matched mass: the trained teacher). Lengths that cut no demo example in any of the tokenizers:
+        the figures describe the text, not the training's --max-length."""
         from todi import demo_tasks
         from todi.xtok.report import Config, xtok_figures
 
-        figures = {}
+        figures = dict(figures)
         for name in self.config["tokenizers"]:
-            if name == self.config["teacher_tokenizer"]:
+            if name == self.config["teacher_tokenizer"] or name in figures:
                 continue
             student = self.student_init(name, 0)
             report = Config(
@@ -251,8 +257,8 @@ class Study:
                 student=str(student),
                 data=str(self.data),
                 template=demo_tasks.PROMPT_TEMPLATE,
-                max_length=64,
-                max_prompt_length=48,
+                max_length=256,
+                max_prompt_length=128,
                 **self.config["report"],
             )
             figures[name], figures[f"{name}_examples"] = xtok_figures(report)
@@ -322,8 +328,11 @@ def main() -> None:
                 {"rougeL": scores["rougeL"], "rougeL_std": scores["rougeL_std"], "exact": scores["exact"]},
             )
             log.info("teacher: ROUGE-L %.1f", scores["rougeL"])
-        if mine and not (out / "results" / "pair.json").is_file():
-            write_json_atomic(out / "results" / "pair.json", study.pair_figures())
+        pair = out / "results" / "pair.json"
+        if mine:  # computed once per tokenizer (one added later is computed then)
+            before = json.loads(pair.read_text()) if pair.is_file() else {}
+            if (after := study.pair_figures(before)) != before:
+                write_json_atomic(pair, after)
     run_cells(study, config, log)
     info = json.loads(info_path.read_text())
     info["wall_s"] = info.get("wall_s", 0.0) + time.perf_counter() - started
