@@ -128,37 +128,10 @@ class Study:
 
     def train_and_evaluate(self, variant: str, spec: dict[str, Any], seed: int) -> dict[str, Any]:
         """One cell: a demo student trained with this variant's objective and this seed, scored on test."""
-        from todi import demo
-        from todi.training import DistillConfig, SFTConfig, train
-
-        p = self.profile
-        run = self.out / "runs" / variant / f"seed{seed}"
-        options = demo._train_options(
-            p, self.data, run, p.student_steps, p.student_lr, seed, p.train_examples
-        ) | demo._dev_options(p, self.data)
-        started = time.perf_counter()
-        init = str(self.student_init(seed))
-        if spec["loss"] == "sft":
-            train(SFTConfig(model=init, **options))
-        else:
-            objective = {k: v for k, v in variant_options(spec).items() if k != "loss"}
-            train(
-                DistillConfig(
-                    teacher=str(self.teacher), student=init, loss=spec["loss"], **objective, **options
-                )
-            )
-        trained = time.perf_counter()
-        scores = self.evaluate(variant, [run / "best"], seed)
-        return {
-            "variant": variant,
-            "seed": seed,
-            "objective": variant_options(spec),
-            "rougeL": scores["rougeL_per_run"][0],
-            "exact": scores["exact_per_run"][0],
-            "best_step": demo.chosen_step(run / "best"),
-            "train_s": trained - started,
-            "eval_s": time.perf_counter() - trained,
-        }
+        options = variant_options(spec)
+        objective = None if spec["loss"] == "sft" else options
+        cell = train_cell(self, variant, seed, self.student_init(seed), objective)
+        return {**cell, "objective": options}
 
     def evaluate(self, name: str, models: list[Path], seed: int | None) -> dict[str, Any]:
         from todi import demo
@@ -166,6 +139,39 @@ class Study:
         folder = self.out / "eval" / name / ("all" if seed is None else f"seed{seed}")
         folder.mkdir(parents=True, exist_ok=True)
         return demo._evaluate_on_test({name: models}, self.splits["test"], self.profile, folder)[name]
+
+
+def train_cell(
+    study: Any, variant: str, seed: int, init: Path, objective: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Train one demo student from ``init`` (SFT when ``objective`` is None, else `todi distill` from
+    ``study.teacher`` with these options, ``loss`` included) and score its dev-selected checkpoint on the
+    held-out tasks. ``study`` gives profile, out, data, teacher and evaluate (experiments/xtok_demo reuses
+    this with its own teacher and tokenizers)."""
+    from todi import demo
+    from todi.training import DistillConfig, SFTConfig, train
+
+    p = study.profile
+    run = study.out / "runs" / variant / f"seed{seed}"
+    options = demo._train_options(
+        p, study.data, run, p.student_steps, p.student_lr, seed, p.train_examples
+    ) | demo._dev_options(p, study.data)
+    started = time.perf_counter()
+    if objective is None:
+        train(SFTConfig(model=str(init), **options))
+    else:
+        train(DistillConfig(teacher=str(study.teacher), student=str(init), **objective, **options))
+    trained = time.perf_counter()
+    scores = study.evaluate(variant, [run / "best"], seed)
+    return {
+        "variant": variant,
+        "seed": seed,
+        "rougeL": scores["rougeL_per_run"][0],
+        "exact": scores["exact_per_run"][0],
+        "best_step": demo.chosen_step(run / "best"),
+        "train_s": trained - started,
+        "eval_s": time.perf_counter() - trained,
+    }
 
 
 def run_cells(study: Study, config: dict[str, Any], log: logging.Logger) -> bool:

@@ -201,37 +201,11 @@ class Study:
 
     def train_and_evaluate(self, variant: str, spec: dict[str, Any], seed: int) -> dict[str, Any]:
         """One cell: a demo student with this variant's tokenizer and objective, scored on test."""
-        from todi import demo
-        from todi.training import DistillConfig, SFTConfig, train
-
-        p = self.profile
-        run = self.out / "runs" / variant / f"seed{seed}"
-        options = demo._train_options(
-            p, self.data, run, p.student_steps, p.student_lr, seed, p.train_examples
-        ) | demo._dev_options(p, self.data)
-        started = time.perf_counter()
-        init = str(self.student_init(spec["tokenizer"], seed))
-        objective = {k: v for k, v in spec.items() if k in DISTILL_FIELDS}
-        if spec["loss"] == "sft":
-            train(SFTConfig(model=init, **options))
-        else:
-            train(
-                DistillConfig(
-                    teacher=str(self.teacher), student=init, loss=spec["loss"], **objective, **options
-                )
-            )
-        trained = time.perf_counter()
-        scores = self.evaluate(variant, [run / "best"], seed)
-        return {
-            "variant": variant,
-            "seed": seed,
-            "spec": spec,
-            "rougeL": scores["rougeL_per_run"][0],
-            "exact": scores["exact_per_run"][0],
-            "best_step": demo.chosen_step(run / "best"),
-            "train_s": trained - started,
-            "eval_s": time.perf_counter() - trained,
-        }
+        objective = None
+        if spec["loss"] != "sft":
+            objective = {"loss": spec["loss"], **{k: v for k, v in spec.items() if k in DISTILL_FIELDS}}
+        cell = ablation.train_cell(self, variant, seed, self.student_init(spec["tokenizer"], seed), objective)
+        return {**cell, "spec": spec}
 
     def evaluate(self, name: str, models: list[Path], seed: int | None) -> dict[str, Any]:
         from todi import demo
