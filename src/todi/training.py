@@ -1179,24 +1179,21 @@ def _setup_teacher(
             )
         check_finite_parameters(model, f"teacher {config.teacher_path}", "--teacher-dtype")
         model = freeze(model).to(accelerator.device)
-        from todi.data import shared_vocab_size
-
-        teacher_head = model.get_output_embeddings().weight.shape[0]
-        if data.xtok is None:
-            vocab_size = shared_vocab_size(tokenizer, student_head, teacher_head)
-        else:  # the teacher scores with its own tokenizer: the adapter gives the objective
-            xtok_loss = data.xtok.loss_fn(
-                config.loss_options(), tokenizer, student_head, teacher_head, chunk_size=config.chunk_size
-            )
         if config.loss_options()["kd_rate"] == 0:
             logger.warning("--kd-rate 0: the teacher is loaded but does not contribute to the loss")
-    if cache is not None and data.xtok is not None:  # rows under the teacher's own vocabulary
-        xtok_loss = data.xtok.loss_fn(
-            config.loss_options(), tokenizer, student_head, cache.vocab_size, chunk_size=config.chunk_size
-        )
-    elif cache is not None:
-        from todi.data import shared_vocab_size
+    if model is None and cache is None:
+        return _Teacher(None, None, None)
+    from todi.data import shared_vocab_size
 
+    # A cache's rows cover its vocabulary as a model's head covers its own.
+    teacher_head = cache.vocab_size if model is None else model.get_output_embeddings().weight.shape[0]
+    if data.xtok is not None:  # the teacher scores with its own tokenizer: the adapter gives the objective
+        xtok_loss = data.xtok.loss_fn(
+            config.loss_options(), tokenizer, student_head, teacher_head, chunk_size=config.chunk_size
+        )
+    elif model is not None:
+        vocab_size = shared_vocab_size(tokenizer, student_head, teacher_head)
+    else:
         vocab_size = shared_vocab_size(tokenizer, student_head)
         if vocab_size != cache.vocab_size:
             raise UsageError(
