@@ -276,6 +276,8 @@ def causal_lm_cross_tokenizer_loss(
         "position_ids": batch.get("teacher_position_ids"),
     }
 
+    kd_options = dict(kd)
+    stand_in = _stand_in_rows(str(kd_options.pop("unaligned", "ce")), batch, rows, width)
     if not fused:
         student_logits = student(**_model_inputs(batch)).logits[:, :-1, :student_vocab]
         teacher_logits = None
@@ -286,10 +288,8 @@ def causal_lm_cross_tokenizer_loss(
                 all_teacher = teacher(**_model_inputs(teacher_inputs)).logits[:, :-1, :teacher_vocab]
                 teacher_logits = all_teacher.reshape(-1, all_teacher.shape[-1])[teacher_rows]
         flat = student_logits.reshape(-1, student_logits.shape[-1])[rows]
-        options = {k: v for k, v in kd.items() if k != "unaligned"}
-        mask = _stand_in_rows(str(kd.get("unaligned", "ce")), batch, rows, width)
-        sums = _sums(flat, targets, teacher_logits, aligned, kd_rate, options, mask)
-        return _output(sums, rows.numel(), aligned.numel(), kd_rate, num_items_in_batch, options)
+        sums = _sums(flat, targets, teacher_logits, aligned, kd_rate, kd_options, stand_in)
+        return _output(sums, rows.numel(), aligned.numel(), kd_rate, num_items_in_batch, kd_options)
 
     head = output_head(student)
     hidden = final_hidden_states(student, batch, head)[:, :-1]
@@ -305,8 +305,6 @@ def causal_lm_cross_tokenizer_loss(
         teacher_weight = teacher_head.weight[:teacher_vocab]
         tb = getattr(teacher_head, "bias", None)
         teacher_bias = None if tb is None else tb[:teacher_vocab]
-    kd_options = dict(kd)
-    stand_in = _stand_in_rows(str(kd_options.pop("unaligned", "ce")), batch, rows, width)
     n = rows.numel()
     size = chunk_size or auto_chunk_size(n, student_vocab + teacher_vocab)
     sums = hidden.new_zeros(3, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
