@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 CONFIGS = {
     "lambda 0": ["--lmbda", "0"],
@@ -56,12 +56,17 @@ def _demo_pair(work: Path) -> dict:
     return {"teacher": teacher, "student": student, "data": data / "train.jsonl", "options": options}
 
 
-def _smollm2_pair(work: Path, seq_len: int, new_tokens: int) -> dict:
+def _throughput() -> Any:
+    """benchmarks/train_throughput.py: its SmolLM2-shaped assets and report writer."""
     sys.path.insert(0, str(Path(__file__).parent))
     import train_throughput
 
+    return train_throughput
+
+
+def _smollm2_pair(work: Path, seq_len: int, new_tokens: int) -> dict:
     args = argparse.Namespace(teacher_layers=30, student_layers=6, seq_len=seq_len, batch_size=2, steps=8)
-    paths = train_throughput.build_assets(work / "smollm2", args)
+    paths = _throughput().build_assets(work / "smollm2", args)
     options = ["--template", "none", "--max-length", str(seq_len), "--max-prompt-length", str(seq_len // 4),
                "--batch-size", "2", "--gen-max-new-tokens", str(new_tokens)]  # fmt: skip
     return {
@@ -150,17 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 length = f"{m['gen_mean_length']:.1f}" if "gen_mean_length" in m else "-"
                 print(f"{r['pair']:<8} {r['config']:<18} {kind:<10} {m['steps']:>5} {m['gen_s']:>7.3f} "
                       f"{m['teacher_s']:>9.3f} {m['student_s']:>9.3f} {m['step_s']:>7.3f} {length:>7}")  # fmt: skip
-    report = {
-        "benchmark": "onpolicy_bench",
-        "device": device,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
-        "results": results,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {args.out}")
+    _throughput().write_report("onpolicy_bench", device, args, results)
     return 0
 
 

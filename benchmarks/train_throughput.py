@@ -165,8 +165,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['mode']:<10} {r['tokens_per_s']:>10.0f} {r['s_per_step']:>8.2f} {r['first_step_s']:>10.2f} "
             f"{r['peak_mem_mib']:>10.0f} {r['loss_first_step']:>12.5f}"
         )
+    write_report("train_throughput", device, args, results)
+    return 0
+
+
+def write_report(benchmark: str, device: str, args: argparse.Namespace, results: list[dict]) -> None:
+    """``args.out``: the results with the device, versions and settings they were measured with (also
+    onpolicy_bench.py's)."""
+    import torch
+
     report = {
-        "benchmark": "train_throughput",
+        "benchmark": benchmark,
         "device": device,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -176,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":
